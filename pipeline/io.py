@@ -1,0 +1,149 @@
+"""Artifact I/O shared by every stage: atomic outputs and schema-checked Parquet.
+
+A stage writes into a hidden sibling temporary path and renames it into place only when
+everything is written, so a killed stage never leaves a half artifact that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import RebmError
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, directory: bool) -> Iterator[Path]:
+    """Yield a temporary path to fill; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.exists() or path.is_symlink():
+        _remove(path)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> None:
+    with atomic_output(path, directory=False) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise RebmError(f"{path}: not found (has the stage that writes it run?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RebmError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def write_table(path: str | os.PathLike[str], rows: dict[str, list[Any]] | pa.Table, schema: pa.Schema) -> None:
+    """Write one Parquet file, cast to the declared `schema` (fails on a missing column)."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pydict(rows, schema=schema)
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: table lacks columns {missing} of its declared schema")
+    table = table.select(schema.names).cast(schema)
+    with atomic_output(path, directory=False) as tmp:
+        pq.write_table(table, tmp)
+
+
+def check_schema(path: str | os.PathLike[str], schema: pa.Schema, columns: list[str] | None = None) -> None:
+    """Fail unless the Parquet file at `path` has `schema`'s columns with compatible types.
+
+    The error names the file and the column, which is what a user needs to find which
+    stage produced the bad artifact. Only the footer is read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RebmError(f"{path}: not found (has the stage that writes it run?)")
+    try:
+        file_schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RebmError(f"{path}: not a readable Parquet file: {exc}") from exc
+    for name in columns or schema.names:
+        expected = schema.field(name).type
+        if name not in file_schema.names:
+            raise RebmError(f"{path}: missing column '{name}' (expected {expected})")
+        actual = file_schema.field(name).type
+        if actual != expected and not _castable(actual, expected):
+            raise RebmError(f"{path}: column '{name}' has type {actual}, expected {expected}")
+
+
+def read_table(path: str | os.PathLike[str], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file after `check_schema`, cast to the declared types."""
+    wanted = columns or schema.names
+    check_schema(path, schema, wanted)
+    table = pq.read_table(path, columns=wanted)
+    return table.cast(pa.schema([schema.field(n) for n in wanted]))
+
+
+def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
+    integer_like = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(actual) for f in integer_like) and any(f(expected) for f in integer_like):
+        return True
+    if (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and pa.types.is_list(expected):
+        return _castable(actual.value_type, expected.value_type) or actual.value_type == expected.value_type
+    return (pa.types.is_string(actual) or pa.types.is_large_string(actual)) and pa.types.is_string(expected)
+
+
+class StreamingTableWriter:
+    """Append rows to one Parquet file in batches, so outputs larger than memory pass through."""
+
+    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema, batch_rows: int = 4096):
+        self.schema = schema
+        self.batch_rows = batch_rows
+        self.rows = 0
+        self._buffer: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._writer = pq.ParquetWriter(path, schema)
+
+    def append(self, **row: Any) -> None:
+        for name, values in self._buffer.items():
+            values.append(row[name])
+        self.rows += 1
+        if len(self._buffer[self.schema.names[0]]) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer[self.schema.names[0]]:
+            self._writer.write_table(pa.Table.from_pydict(self._buffer, schema=self.schema))
+            for values in self._buffer.values():
+                values.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+    def __enter__(self) -> StreamingTableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,21 @@
+"""Stage `ingest`: a dataset's documents -> data/<dataset>/docs/{train,valid,test}.parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import IngestConfig, load_dataset_source, load_section
+from pipeline.corpora import iter_documents, ingest_documents
+from pipeline.io import atomic_output, write_json
+from pipeline.paths import DatasetPaths
+
+
+def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
+    spec = load_dataset_source(dataset, params)
+    ingest = load_section(IngestConfig, "ingest", params)
+    paths = DatasetPaths(dataset, root)
+    with atomic_output(paths.docs, directory=True) as tmp:
+        stats = ingest_documents(dataset, iter_documents(spec, ingest), ingest, tmp)
+    summary = {"dataset": dataset, "source": spec.source, **stats.as_dict()}
+    write_json(paths.ingest_stats, summary)
+    return summary
