@@ -42,6 +42,9 @@ class HFSource(Section):
     id_column: str | None = None
     streaming: bool = True
     max_docs: int | None = Field(default=None, gt=0)
+    # Book Corpus on the hub holds one sentence per row: join this many consecutive rows
+    # into one document so windows span running text rather than single sentences.
+    rows_per_doc: int = Field(default=1, ge=1)
 
 
 class FilesSource(Section):

@@ -111,12 +111,27 @@ def _iter_hf(spec: HFSource) -> Iterator[RawDocument]:
     for col in filter(None, (spec.text_column, spec.id_column)):
         if col not in columns:
             raise RebmError(f"{where}: no column '{col}' (columns: {', '.join(columns)})")
+    source = f"hf:{spec.path}"
+    group: list[str] = []
+    group_repaired = False
+    group_id = ""
     for index, row in enumerate(ds):
-        if spec.max_docs is not None and index >= spec.max_docs:
+        if spec.max_docs is not None and index // spec.rows_per_doc >= spec.max_docs:
             break
         text, repaired = _decode(row[spec.text_column])
-        doc_id = str(row[spec.id_column]) if spec.id_column else f"{spec.path}:{spec.split}:{index}"
-        yield RawDocument(doc_id, text, f"hf:{spec.path}", repaired)
+        if spec.rows_per_doc == 1:
+            doc_id = str(row[spec.id_column]) if spec.id_column else f"{spec.path}:{spec.split}:{index}"
+            yield RawDocument(doc_id, text, source, repaired)
+            continue
+        if not group:
+            group_id = f"{spec.path}:{spec.split}:{index}"
+        group.append(text or "")
+        group_repaired |= repaired
+        if len(group) == spec.rows_per_doc:
+            yield RawDocument(group_id, "\n".join(group), source, group_repaired)
+            group, group_repaired = [], False
+    if group:
+        yield RawDocument(group_id, "\n".join(group), source, group_repaired)
 
 
 def _iter_files(spec: FilesSource) -> Iterator[RawDocument]:
