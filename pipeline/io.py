@@ -7,6 +7,7 @@ everything is written, so a killed stage never leaves a half artifact that looks
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -147,3 +148,23 @@ class StreamingTableWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 over JSON-able values and numpy arrays: identifies a run's configuration and data,
+    so a resumable stage never continues from state made under other inputs."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.tobytes() if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True).encode())
+    return digest.hexdigest()

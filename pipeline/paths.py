@@ -36,3 +36,61 @@ class DatasetPaths:
 
     def windows_split(self, split: str) -> Path:
         return self.windows / f"{split}.parquet"
+
+    def lm(self, variant: str) -> Path:
+        """A trained causal LM (`base`, `balm`, `ralm`): a save_pretrained directory with its tokenizer."""
+        return self.models / "lm" / variant
+
+    def lm_metrics(self, variant: str) -> Path:
+        return self.models / "lm" / f"{variant}_metrics.json"
+
+    def lm_curve(self, variant: str) -> Path:
+        """Learning curve (TSV: step, train_loss, valid_loss, lr, tokens_per_s, ...), a DVC plot."""
+        return self.models / "lm" / f"{variant}_curve.tsv"
+
+    def lm_checkpoint(self, variant: str) -> Path:
+        """Resumable training state while a run is in progress; deleted when training completes."""
+        return self.models / "lm" / f".{variant}.tmp-checkpoint"
+
+    @property
+    def negatives(self) -> Path:
+        """LM samples per prefix: negatives/<split>/shard-00000.parquet … plus manifest.json."""
+        return self.data / "negatives"
+
+    def negatives_split(self, split: str) -> Path:
+        return self.negatives / split
+
+    @property
+    def negatives_stats(self) -> Path:
+        return self.data / "negatives_stats.json"
+
+    @property
+    def mlm(self) -> Path:
+        """The BIT body pretrained as a masked LM (stage pretrain_mlm): save_pretrained + tokenizer."""
+        return self.models / "mlm"
+
+    @property
+    def mlm_metrics(self) -> Path:
+        return self.models / "mlm_metrics.json"
+
+    @property
+    def mlm_curve(self) -> Path:
+        return self.models / "mlm_curve.tsv"
+
+    @property
+    def mlm_checkpoint(self) -> Path:
+        return self.models / ".mlm.tmp-checkpoint"
+
+    def energy(self, variant: str) -> Path:
+        """A trained energy model (`unit`, `bit`, `bit_star`): save_pretrained + its tokenizer."""
+        return self.models / "energy" / variant
+
+    def energy_metrics(self, variant: str) -> Path:
+        return self.models / "energy" / f"{variant}_metrics.json"
+
+    def energy_curve(self, variant: str) -> Path:
+        return self.models / "energy" / f"{variant}_curve.tsv"
+
+    def energy_checkpoint(self, variant: str) -> Path:
+        """Resumable NCE training state while a run is in progress; deleted when it completes."""
+        return self.models / "energy" / f".{variant}.tmp-checkpoint"

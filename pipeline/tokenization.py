@@ -165,14 +165,20 @@ def write_windows(
     return stats
 
 
-def read_window_ids(path: Path) -> np.ndarray:
-    """All windows of one split as an int64 [N, seq_len] array (with schema check)."""
+def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(window ids int64 [N], token ids int64 [N, seq_len]) of one split, schema-checked."""
     from pipeline.io import read_table
 
-    table = read_table(path, WINDOWS_SCHEMA, columns=["input_ids"])
+    table = read_table(path, WINDOWS_SCHEMA, columns=["window_id", "input_ids"])
     column = table.column("input_ids").combine_chunks()
     lengths = np.diff(column.offsets.to_numpy())
     if len(lengths) and (lengths != lengths[0]).any():
         raise RebmError(f"{path}: column 'input_ids' has rows of different lengths")
     flat = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    return flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
+    ids = flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
+    return table.column("window_id").to_numpy().astype(np.int64), ids
+
+
+def read_window_ids(path: Path) -> np.ndarray:
+    """All windows of one split as an int64 [N, seq_len] array (with schema check)."""
+    return read_windows(path)[1]

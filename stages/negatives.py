@@ -1,0 +1,75 @@
+"""Stage `negatives`: n base-LM samples of T − p tokens per real prefix, on a Ray actor pool."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import NegativesConfig, TokenizeConfig, load_section, load_seed
+from pipeline.errors import RebmError
+from pipeline.io import write_json
+from pipeline.paths import DatasetPaths
+from pipeline.tokenization import read_windows
+
+
+def read_prefixes(path: Path, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(window ids int64 [N], prefixes int64 [N, prefix_len]) of one windows file."""
+    window_ids, windows = read_windows(path)
+    if windows.shape[1] <= prefix_len:
+        raise RebmError(
+            f"{path}: column 'input_ids' rows have {windows.shape[1]} tokens, "
+            f"not more than tokenize.prefix_len={prefix_len}"
+        )
+    return window_ids, np.ascontiguousarray(windows[:, :prefix_len])
+
+
+def run(
+    dataset: str,
+    params: Path,
+    root: Path = Path("."),
+    ray_address: str | None = None,
+    model_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    from pipeline.negatives import SplitInput, generate_negatives, ray_session
+
+    cfg = load_section(NegativesConfig, "negatives", params)
+    tok = load_section(TokenizeConfig, "tokenize", params)
+    seed = load_seed(params)
+    n_per_split = cfg.samples_for(dataset, params)
+    paths = DatasetPaths(dataset, root)
+    model_dir = Path(model_dir) if model_dir else paths.lm("base")
+
+    splits = {}
+    for split, n in n_per_split.items():
+        ids, prefixes = read_prefixes(paths.windows_split(split), tok.prefix_len)
+        splits[split] = SplitInput(ids, prefixes, n)
+
+    start = time.perf_counter()
+    with ray_session(ray_address, num_cpus=cfg.num_workers * cfg.cpus_per_worker) as session:
+        stats = generate_negatives(
+            model_dir,
+            splits,
+            paths.negatives,
+            new_tokens=tok.continuation_len,
+            top_k=cfg.top_k,
+            seed=seed,
+            shard_windows=cfg.shard_windows,
+            batch_samples=cfg.batch_samples,
+            num_workers=cfg.num_workers,
+            cpus_per_worker=cfg.cpus_per_worker,
+            dtype=cfg.dtype,
+            progress=progress,
+        )
+    summary = {
+        "dataset": dataset,
+        "model": str(model_dir),
+        "ray": session["address"] if session["address"] in ("local", "existing") else "cluster",
+        "top_k": cfg.top_k,
+        "stage_wall_seconds": round(time.perf_counter() - start, 3),
+        **stats,
+    }
+    write_json(paths.negatives_stats, summary)
+    return summary

@@ -1,0 +1,59 @@
+"""Stage `pretrain_mlm`: the BIT energy's encoder (`energy.bit`) pretrained as a masked LM.
+
+Writes models/<dataset>/mlm/ (save_pretrained of the masked LM and its tokenizer: the LM's
+tokens plus padding and mask), mlm_metrics.json and mlm_curve.tsv.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import EncoderArch, PretrainMLMConfig, load_device, load_section, load_seed, load_subsection
+from pipeline.io import atomic_output, fingerprint, write_json
+from pipeline.lm import count_parameters, load_tokenizer
+from pipeline.mlm import build_mlm, mlm_tokenizer, pretrain_mlm
+from pipeline.paths import DatasetPaths
+from pipeline.tokenization import read_window_ids
+from pipeline.training import discard_checkpoint, resolve_device, write_curve
+
+
+def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
+    started = time.perf_counter()
+    paths = DatasetPaths(dataset, root)
+    cfg = load_section(PretrainMLMConfig, "pretrain_mlm", params)
+    arch = load_subsection(EncoderArch, "energy.bit", params)
+    seed, device = load_seed(params), resolve_device(load_device(params))
+    train_ids = torch.from_numpy(read_window_ids(paths.windows_split("train")))
+    valid_ids = torch.from_numpy(read_window_ids(paths.windows_split("valid")))
+
+    tokenizer = mlm_tokenizer(load_tokenizer(paths.tokenizer, "pretrain_mlm"))
+    torch.manual_seed(seed)
+    model = build_mlm(arch, tokenizer, max_positions=train_ids.shape[1]).to(device)
+    result = pretrain_mlm(
+        model, tokenizer, train_ids, valid_ids, cfg,
+        seed=seed, checkpoint_dir=paths.mlm_checkpoint, device=device,
+        fingerprint=fingerprint(cfg.model_dump(mode="json"), arch.model_dump(mode="json"), seed, train_ids.numpy()),
+        desc=f"{dataset}/mlm",
+    )
+    with atomic_output(paths.mlm, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_curve(paths.mlm_curve, result.curve)
+    metrics = {
+        "dataset": dataset,
+        "parameters": count_parameters(model.bert),
+        "valid_mlm_loss": result.best_valid,
+        "valid_mlm_ppl": math.exp(result.best_valid),
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "train_seconds": round(result.train_seconds, 1),
+        "resumed_from_step": result.resumed_from,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(paths.mlm_metrics, metrics)
+    discard_checkpoint(paths.mlm_checkpoint)
+    return metrics

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel
+
+from pipeline.energy import EnergyModel, load_energy, nce_accuracy, nce_loss
+
+
+def tiny_bit(vocab: int = 50) -> EnergyModel:
+    cfg = RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, pad_token_id=1)
+    torch.manual_seed(0)
+    return EnergyModel.from_body(RobertaModel(cfg, add_pooling_layer=False), "bit").eval()
+
+
+def test_nce_loss_matches_the_formula_by_hand() -> None:
+    e_real = torch.tensor([-2.0, 0.5, 30.0], dtype=torch.float64)
+    e_lm = torch.tensor([1.0, -0.25, -40.0], dtype=torch.float64)
+    sigmoid = lambda z: 1 / (1 + torch.exp(-z))  # noqa: E731
+    by_hand = (-torch.log(sigmoid(-e_real)) - torch.log(sigmoid(e_lm))).mean()
+    assert nce_loss(e_real, e_lm).item() == pytest.approx(by_hand.item(), rel=1e-12)
+    # At E = 0 everywhere the classifier is at chance: 2 log 2.
+    assert nce_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())
+    # Stable where log(sigmoid) would underflow: E⁺ = 200 costs ≈ 200 nats, not inf.
+    assert nce_loss(torch.tensor([200.0]), torch.tensor([0.0])).item() == pytest.approx(200 + 0.6931, abs=1e-3)
+
+
+def test_nce_loss_sign_real_text_wants_low_energy() -> None:
+    e_real = torch.zeros(3, requires_grad=True)
+    e_lm = torch.zeros(3, requires_grad=True)
+    nce_loss(e_real, e_lm).backward()
+    assert (e_real.grad > 0).all()  # gradient descent lowers the energy of real text
+    assert (e_lm.grad < 0).all()  # and raises the energy of LM samples
+    assert nce_accuracy(torch.tensor([-1.0, 1.0]), torch.tensor([2.0, 3.0])).item() == 0.75
+
+
+def test_energy_is_invariant_to_padding_length() -> None:
+    model = tiny_bit()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    short = model(ids, torch.ones_like(ids))
+    padded = torch.cat([ids, torch.full((1, 7), 1)], dim=1)
+    mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 7)], dim=1).long()
+    assert torch.allclose(model(padded, mask), short, atol=1e-5)
+    assert model(padded, torch.ones_like(padded)).item() != pytest.approx(short.item(), abs=1e-4)
+
+
+def test_unit_energy_wraps_a_causal_body_and_returns_one_scalar_per_sequence() -> None:
+    body = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=60, n_positions=16))
+    model = EnergyModel.from_body(body, "unit").eval()
+    energies = model(torch.randint(0, 60, (4, 16)))
+    assert energies.shape == (4,) and energies.dtype == torch.float32
+
+
+def test_save_load_gives_the_same_energies(tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    model = tiny_bit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "a": 1}, unk_token="<pad>")))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded, _ = load_energy(tmp_path)
+    ids = torch.randint(2, 50, (3, 12))
+    assert torch.allclose(loaded.eval()(ids), model(ids), atol=1e-6)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), EnergyModel)

