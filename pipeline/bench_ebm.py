@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModel, AutoTokenizer
 
 from pipeline.energy import EnergyModel, EnergyScorer, nce_loss, resolve_pretrained
@@ -36,6 +37,7 @@ def _bodies(paths: DatasetPaths, bit_star: str) -> dict[str, str]:
 
 def ebm_benchmark(dataset: str, bit_star: str, batch: int = 16, repeats: int = 3) -> dict:
     """Sequences/s for NCE training steps (batch real + batch LM windows) and for scoring."""
+    transformers.logging.set_verbosity_error()  # loading an LM checkpoint as a bare body reports its unused head
     paths = DatasetPaths(dataset)
     windows = torch.from_numpy(read_window_ids(paths.windows_split("valid"))[: 2 * batch])
     lm_tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)

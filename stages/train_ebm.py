@@ -42,7 +42,7 @@ def _body_source(variant: str, cfg: EnergyVariantConfig, paths: DatasetPaths) ->
         return resolve_pretrained(cfg.init)
     source = paths.lm("base") if variant == "unit" else paths.mlm
     if not (source / "config.json").exists():
-        stage = "train_lm@...-base" if variant == "unit" else "pretrain_mlm"
+        stage = f"train_lm_base@{paths.dataset}" if variant == "unit" else f"pretrain_mlm@{paths.dataset}"
         raise RebmError(f"{source}: not found; the {variant} energy starts from it (run stage {stage} first)")
     return str(source)
 

@@ -138,3 +138,15 @@ def test_toy_nce_data_is_separable(toy: Path) -> None:
     """Guard for the test above: the toy really differs between real and LM continuations."""
     data: NCEData = load_nce_data(toy / "data/toy/windows/valid.parquet", toy / "data/toy/negatives/valid", PREFIX)
     assert data.windows[:, PREFIX:].max() < REAL_TOKENS[1] <= LM_TOKENS[0] <= data.negatives.min()
+
+
+def test_unit_energy_without_a_base_lm_names_the_stage_to_run(toy: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(toy, project, ignore=shutil.ignore_patterns("lm"))
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(app, ["train-ebm", "toy", "unit"])
+    assert result.exit_code == 2
+    assert "models/toy/lm/base: not found" in result.output and "train_lm_base@toy" in result.output
