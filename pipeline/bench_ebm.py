@@ -8,7 +8,6 @@ planning an evaluation or Algorithm 1 run needs.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import transformers

@@ -56,16 +56,6 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise RebmError(f"{path}: not found (has the stage that writes it run?)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RebmError(f"{path}: not valid JSON: {exc}") from exc
-
-
 def write_table(path: str | os.PathLike[str], rows: dict[str, list[Any]] | pa.Table, schema: pa.Schema) -> None:
     """Write one Parquet file, cast to the declared `schema` (fails on a missing column)."""
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pydict(rows, schema=schema)

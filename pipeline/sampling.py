@@ -20,7 +20,6 @@ it was drawn with top-k, and their float64 sum.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,10 +261,3 @@ def full_forward_logprobs(model: torch.nn.Module, prefixes: np.ndarray, tokens: 
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, p:, None]).squeeze(-1)
     return lp.numpy().reshape(W, n, L)
 
-
-def count_new_tokens(windows: int, n: int, new_tokens: int) -> int:
-    return windows * n * new_tokens
-
-
-def tokens_per_second(tokens: int, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else math.inf

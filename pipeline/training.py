@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from pipeline.config import OptimConfig
-from pipeline.io import atomic_output
+from pipeline.io import atomic_output, write_json
 
 LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, int]"]  # (mean loss, tokens in batch)
 EpochBatches = Callable[[int], Sequence[Any]]  # epoch -> that epoch's batches, a pure function
@@ -266,3 +266,30 @@ def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
         ))
     with atomic_output(path, directory=False) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def save_trained_run(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    result: TrainResult,
+    metrics: dict[str, Any],
+    *,
+    model_dir: Path,
+    curve_path: Path,
+    metrics_path: Path,
+    checkpoint_dir: Path,
+    started: float,
+) -> dict[str, Any]:
+    """Write a finished run's outputs, each atomically, then drop its resumable checkpoint.
+
+    The checkpoint goes last, so a kill anywhere before it leaves a rerun that resumes at the
+    final step instead of training again. `started` is the stage's `time.perf_counter()` start.
+    """
+    with atomic_output(model_dir, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_curve(curve_path, result.curve)
+    metrics = {**metrics, "wall_seconds": round(time.perf_counter() - started, 1)}
+    write_json(metrics_path, metrics)
+    discard_checkpoint(checkpoint_dir)
+    return metrics

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import EncoderArch, PretrainMLMConfig, load_device, load_section, load_seed, load_subsection
-from pipeline.io import atomic_output, fingerprint, write_json
+from pipeline.io import fingerprint
 from pipeline.lm import count_parameters, load_tokenizer
 from pipeline.mlm import build_mlm, mlm_tokenizer, pretrain_mlm
 from pipeline.paths import DatasetPaths
 from pipeline.tokenization import read_window_ids
-from pipeline.training import discard_checkpoint, resolve_device, write_curve
+from pipeline.training import resolve_device, save_trained_run
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
@@ -39,10 +39,6 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
         fingerprint=fingerprint(cfg.model_dump(mode="json"), arch.model_dump(mode="json"), seed, train_ids.numpy()),
         desc=f"{dataset}/mlm",
     )
-    with atomic_output(paths.mlm, directory=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_curve(paths.mlm_curve, result.curve)
     metrics = {
         "dataset": dataset,
         "parameters": count_parameters(model.bert),
@@ -52,8 +48,9 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
         "best_step": result.best_step,
         "train_seconds": round(result.train_seconds, 1),
         "resumed_from_step": result.resumed_from,
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    write_json(paths.mlm_metrics, metrics)
-    discard_checkpoint(paths.mlm_checkpoint)
-    return metrics
+    return save_trained_run(
+        model, tokenizer, result, metrics,
+        model_dir=paths.mlm, curve_path=paths.mlm_curve, metrics_path=paths.mlm_metrics,
+        checkpoint_dir=paths.mlm_checkpoint, started=started,
+    )

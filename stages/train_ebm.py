@@ -27,11 +27,11 @@ from pipeline.config import (
 from pipeline.ebm_data import load_nce_data
 from pipeline.energy import EnergyModel, EnergyScorer, resolve_pretrained
 from pipeline.errors import RebmError
-from pipeline.io import atomic_output, file_digest, fingerprint, write_json
+from pipeline.io import file_digest, fingerprint
 from pipeline.lm import count_parameters, load_tokenizer
 from pipeline.nce import train_energy, validate
 from pipeline.paths import DatasetPaths
-from pipeline.training import discard_checkpoint, resolve_device, write_curve
+from pipeline.training import resolve_device, save_trained_run
 
 VARIANTS = ("unit", "bit", "bit_star")
 
@@ -96,11 +96,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "resumed_from_step": result.resumed_from,
         "device": str(device),
     }
-    with atomic_output(paths.energy(variant), directory=True) as tmp:
-        model.save_pretrained(tmp)
-        body_tokenizer.save_pretrained(tmp)
-    write_curve(paths.energy_curve(variant), result.curve)
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(paths.energy_metrics(variant), metrics)
-    discard_checkpoint(paths.energy_checkpoint(variant))
-    return metrics
+    return save_trained_run(
+        model, body_tokenizer, result, metrics,
+        model_dir=paths.energy(variant), curve_path=paths.energy_curve(variant),
+        metrics_path=paths.energy_metrics(variant), checkpoint_dir=paths.energy_checkpoint(variant), started=started,
+    )

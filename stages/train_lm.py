@@ -28,7 +28,7 @@ from pipeline.config import (
     load_subsection,
 )
 from pipeline.errors import RebmError
-from pipeline.io import atomic_output, file_digest, fingerprint, write_json
+from pipeline.io import file_digest, fingerprint
 from pipeline.lm import (
     ResidualLM,
     bit_energy_parameters,
@@ -46,7 +46,7 @@ from pipeline.lm import (
 from pipeline.paths import DatasetPaths
 from pipeline.perplexity import continuation_nll
 from pipeline.tokenization import end_of_document_id, read_window_ids
-from pipeline.training import ShuffledBatches, discard_checkpoint, resolve_device, train, write_curve
+from pipeline.training import ShuffledBatches, resolve_device, save_trained_run, train
 
 VARIANTS = ("base", "balm", "ralm")
 
@@ -168,11 +168,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "precision": optim.precision,
     }
 
-    with atomic_output(paths.lm(variant), directory=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_curve(paths.lm_curve(variant), result.curve)
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(paths.lm_metrics(variant), metrics)
-    discard_checkpoint(paths.lm_checkpoint(variant))
-    return metrics
+    return save_trained_run(
+        model, tokenizer, result, metrics,
+        model_dir=paths.lm(variant), curve_path=paths.lm_curve(variant), metrics_path=paths.lm_metrics(variant),
+        checkpoint_dir=paths.lm_checkpoint(variant), started=started,
+    )
