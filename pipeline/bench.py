@@ -139,3 +139,108 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
         }
     report["bf16_speedup"] = round(report["train"]["fp32"]["step_seconds"] / report["train"]["bf16"]["step_seconds"], 3)
     return report
+
+
+# --------------------------------------------------------------------------- data-parallel training benchmark
+def _bench_lm_loss(device: torch.device, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    batch = batch.to(device, non_blocking=True)
+    return model(input_ids=batch, labels=batch).loss, batch.shape[0] * (batch.shape[1] - 1)
+
+
+def _no_validation(model: torch.nn.Module) -> float:
+    return 0.0
+
+
+def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 2, steps: int = 5,
+                            warmup: int = 2) -> dict:
+    """Training tokens/s of a `train_lm` variant on 1 worker (the plain single process: the
+    baseline) and on `workers` Ray Train workers: same model, same initial weights, same global
+    batch (`optim.batch_size`), through the pipeline's own loop (`pipeline.training.train`).
+
+    The baseline gets the N-worker run's CPU budget as torch threads (workers x cpus_per_worker);
+    a reference single process with one worker's threads (cpus_per_worker) is timed too, which
+    separates the data-parallel split from how well one process uses several threads. Each run
+    takes `warmup + steps` steps on random windows; the step time is the median of the last
+    `steps` as the loop measures it (forward, backward, gradient all-reduce, clip, AdamW; no
+    validation or checkpointing); `wall_seconds` adds start-up (for Ray: the worker group).
+    `train_loss_mean` (over all steps) is the same across rows up to float rounding when the
+    model has no dropout (dropout masks are drawn per worker) and runs in fp32 (bf16 rounds
+    each worker's partial gradient sums).
+    Opens its own Ray session for the N-worker run (RAY_ADDRESS, else a local Ray).
+    """
+    import copy
+    import functools
+    import tempfile
+
+    from pipeline.config import OptimConfig
+    from pipeline.distributed import cluster_for, training_device
+    from pipeline.training import ShuffledBatches, resolve_device, train
+
+    if workers < 2:
+        raise RebmError("bench train: --workers must be at least 2 to compare with the 1-worker baseline")
+    if steps < 1:
+        raise RebmError("bench train: --steps must be at least 1")
+    device = resolve_device(load_device(params))
+    tok = load_section(TokenizeConfig, "tokenize", params)
+    vocab_size, seq_len = tok.vocab_size, tok.seq_len
+    torch.manual_seed(0)
+    model, _, optim = _bench_model(params, variant, vocab_size, seq_len)
+    data = torch.randint(0, vocab_size, (optim.batch_size * 4, seq_len), generator=torch.Generator().manual_seed(0))
+    total_steps = warmup + steps
+
+    def config(n: int) -> OptimConfig:
+        try:
+            return OptimConfig.model_validate({
+                **optim.model_dump(), "workers": n, "grad_accum": 1, "max_steps": total_steps,
+                "warmup_steps": min(optim.warmup_steps, total_steps - 1), "eval_every": total_steps + 1,
+                "checkpoint_every": total_steps + 1,
+            })
+        except ValueError as exc:
+            raise RebmError(f"bench train --workers {n}: {exc}") from None
+
+    def timed(n: int, threads: int) -> dict:
+        cfg = config(n)
+        run_device = training_device(cfg, device)
+        replica = copy.deepcopy(model).to(device)  # the same initial weights for every run
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="rebm-bench-dp-") as tmp, cluster_for(cfg):
+                result = train(
+                    replica, functools.partial(_bench_lm_loss, run_device),
+                    functools.partial(ShuffledBatches, data, cfg.batch_size, 0), _no_validation, cfg,
+                    checkpoint_dir=Path(tmp), seed=0, device=run_device, desc=f"bench {n} worker(s)",
+                )
+        finally:
+            torch.set_num_threads(saved_threads)
+        wall = time.perf_counter() - started
+        step_s = sorted(result.step_seconds[-steps:])[steps // 2]
+        return {
+            "workers": n,
+            "device": str(run_device),
+            "torch_threads_per_worker": threads,
+            "rows_per_worker_per_step": cfg.batch_size // n,
+            "step_seconds": round(step_s, 4),
+            "tokens_per_s": round(optim.batch_size * (seq_len - 1) / step_s, 1),
+            "train_loss_mean": round(result.curve[-1]["train_loss"], 6),
+            "wall_seconds": round(wall, 1),
+        }
+
+    per_worker = optim.cpus_per_worker
+    budget = workers * per_worker
+    report: dict = {
+        "variant": variant,
+        "batch_size": optim.batch_size,
+        "seq_len": seq_len,
+        "precision": optim.precision,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "timed_steps": steps,
+        "baseline": "workers_1",
+        "runs": {"workers_1": timed(1, budget), f"workers_{workers}": timed(workers, per_worker)},
+    }
+    if per_worker != budget:
+        report["runs"][f"reference_workers_1_threads_{per_worker}"] = timed(1, per_worker)
+    base, scaled = report["runs"]["workers_1"], report["runs"][f"workers_{workers}"]
+    report["speedup_vs_baseline"] = round(scaled["tokens_per_s"] / base["tokens_per_s"], 3)
+    return report

@@ -223,11 +223,29 @@ class OptimConfig(Section):
     eval_every: int = Field(gt=0)
     eval_batch_size: int = Field(default=64, gt=0)
     checkpoint_every: int = Field(gt=0)
+    # Scale-out (pipeline.distributed): above 1 worker the loop runs data-parallel on Ray
+    # Train (the cluster at $RAY_ADDRESS, else a local Ray). batch_size stays the global
+    # batch whatever these say: each step is cut into workers x grad_accum equal micro-batches.
+    workers: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=1, gt=0)  # micro-batches per worker per step
+    cpus_per_worker: int = Field(default=1, gt=0)  # Ray CPU reservation = torch threads per worker
+    use_gpu: bool = False  # one GPU per worker (NCCL); otherwise CPU workers (gloo)
+    max_failures: int = Field(default=3, ge=0)  # worker-group restarts from the last checkpoint
 
     @model_validator(mode="after")
     def _warmup_inside_run(self) -> OptimConfig:
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> OptimConfig:
+        parts = self.workers * self.grad_accum
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by workers x grad_accum "
+                f"({self.workers} x {self.grad_accum}): the global batch is split into equal micro-batches"
+            )
         return self
 
 
@@ -325,3 +343,78 @@ class TrainEBMConfig(Section):
         if self.bit_star.init is None:
             raise ValueError("bit_star.init: name the pretrained encoder (id, directory or package:<module>/<folder>)")
         return self
+
+
+# --------------------------------------------------------------------------- evaluation
+LMVariant = Literal["base", "balm", "ralm"]
+EnergyVariant = Literal["unit", "bit", "bit_star"]
+
+
+class PositionEvalConfig(Section):
+    """`evaluate.positions`: per-position perplexity by Eq. 5 (Figure 1).
+
+    Each of `windows` test windows (evenly spaced over the test file) gets `samples` LM
+    continuations from every position t = p+1..T; the last position is also computed exactly
+    on the first `exact_last_windows` of them, which costs |V| energy evaluations per window.
+    """
+
+    energies: list[EnergyVariant] = Field(default_factory=lambda: ["bit_star"])
+    windows: int = Field(default=8, ge=0)
+    samples: int = Field(default=16, ge=2)
+    exact_last_windows: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _exact_subset(self) -> PositionEvalConfig:
+        if self.exact_last_windows > self.windows:
+            raise ValueError("exact_last_windows: must not exceed positions.windows (it is a subset of them)")
+        return self
+
+
+class EvaluateConfig(Section):
+    """`evaluate`: Table 1, Figure 1 and Figure 2 (left) on the test windows (stage `evaluate`).
+
+    `n_eval` LM samples per test prefix estimate log Z (null: every test sample the negatives
+    stage stored); `sample_counts` are Figure 2's x-axis. Energies are scored and the extra
+    LM samples drawn on `num_workers` Ray actors (0: in this process, no Ray), in fixed shards
+    of `shard_sequences`, so results do not depend on the worker count.
+    """
+
+    lms: list[LMVariant] = Field(default_factory=lambda: ["base", "balm", "ralm"], min_length=1)
+    energies: list[EnergyVariant] = Field(default_factory=lambda: ["unit", "bit", "bit_star"])
+    n_eval: int | None = Field(default=None, ge=2)
+    sample_counts: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
+    positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    batch_size: int = Field(default=64, gt=0)
+    shard_sequences: int = Field(default=512, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    cpus_per_worker: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _base_lm_scored(self) -> EvaluateConfig:
+        if "base" not in self.lms:
+            raise ValueError("lms: must include base (the joint models and the per-position gains are relative to it)")
+        return self
+
+
+# --------------------------------------------------------------------------- generation
+class GenerateConfig(Section):
+    """`generate`: Algorithm 1 on the test prefixes, and the analyses of §4.3 (stage `generate`).
+
+    For each of `windows` test prefixes (evenly spaced; null = all) the base LM draws `n_gen`
+    top-k samples (paper: k = 10, 10,000 samples); the joint sample is one of them resampled
+    with probability softmax(−E) under `energy`. Sampling and scoring run on `num_workers`
+    Ray actors (0: in this process), in fixed shards, so results do not depend on the count.
+    """
+
+    energy: EnergyVariant = "bit_star"
+    n_gen: int = Field(default=32, ge=2)
+    top_k: int = Field(default=10, ge=0)
+    windows: int | None = Field(default=None, gt=0)
+    shard_windows: int = Field(default=8, gt=0)
+    density_bins: int = Field(default=40, ge=5)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    batch_size: int = Field(default=64, gt=0)
+    shard_sequences: int = Field(default=512, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    cpus_per_worker: int = Field(default=1, gt=0)

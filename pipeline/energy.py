@@ -72,7 +72,10 @@ class EnergyModel(PreTrainedModel):
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.head(pooled).squeeze(-1).float()
+        # The scalar head runs in fp32 even under bf16 autocast: a bf16 energy has ~3 significant
+        # digits (steps of 0.03 at |E| ≈ 5), too coarse for log Z and perplexity bounds.
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            return self.head(pooled.float()).squeeze(-1)
 
 
 def _body_config(body: dict[str, Any]) -> PretrainedConfig:

@@ -158,3 +158,63 @@ def fingerprint(*parts: Any) -> str:
     for part in parts:
         digest.update(part.tobytes() if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+class ArrayCheckpoint:
+    """Finished parts of a long, resumable stage, one .npz per part, each tied to a key.
+
+    A part is reused only when it was saved under the same key (a fingerprint of everything it
+    depends on), so a rerun after a crash redoes only what is missing or stale.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.npz"
+
+    def load(self, name: str, key: str) -> dict[str, Any] | None:
+        import numpy as np
+
+        path = self._path(name)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["__key__"]) != key:
+                    return None
+                return {k: data[k] for k in data.files if k != "__key__"}
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged part is recomputed, never trusted
+
+    def save(self, name: str, key: str, **arrays: Any) -> None:
+        import numpy as np
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self._path(name), directory=False) as tmp, open(tmp, "wb") as f:
+            np.savez(f, __key__=np.array(key), **arrays)
+
+    def discard(self) -> None:
+        _remove(self.directory)
+
+
+def write_tsv(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """A DVC-plottable TSV (header from the first row's keys; floats to 6 significant digits)."""
+    columns = list(rows[0]) if rows else []
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in columns) for r in rows]
+    with atomic_output(path, directory=False) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_output(path, directory=False) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def require_model(model_dir: str | os.PathLike[str], stage: str) -> Path:
+    """`model_dir` if it holds a saved model, else an error naming the stage that makes it."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise RebmError(f"{model_dir}: not found; run stage {stage} first")
+    return model_dir

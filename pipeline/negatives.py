@@ -24,11 +24,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.actor_pool import (
+    ActorPool,
+    PoolStats,
+    Task,
+    model_directory,
+    read_model_files,
+    worker_setup,
+)
 from pipeline.errors import RebmError
 from pipeline.io import atomic_output, write_json
 
@@ -91,21 +97,6 @@ class Shard:
 
 
 # --------------------------------------------------------------------------- model shipping
-def read_model_files(model_dir: Path) -> dict[str, bytes]:
-    """Every file of a saved HF model directory, by relative path (shipped to the actors)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise RebmError(f"{model_dir}: model directory not found (has the train_lm stage run?)")
-    files = {
-        str(p.relative_to(model_dir)): p.read_bytes()
-        for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
-    }
-    if "config.json" not in files:
-        raise RebmError(f"{model_dir}: no config.json, not a saved Hugging Face model")
-    return files
-
-
 def model_fingerprint(files: dict[str, bytes]) -> str:
     h = hashlib.sha256()
     for name in sorted(files):
@@ -113,6 +104,11 @@ def model_fingerprint(files: dict[str, bytes]) -> str:
             continue  # the tokenizer does not change the samples
         h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     return h.hexdigest()
+
+
+def model_digest(model_dir: Path) -> str:
+    """Fingerprint of a saved model directory's weights and config (see model_fingerprint)."""
+    return model_fingerprint(read_model_files(model_dir))
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32") -> Any:
@@ -254,24 +250,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 class SamplerWorker:
     """A Ray actor holding the LM and a Sampler; `sample` computes one shard."""
 
-    def __init__(self, files_ref: list, threads: int, top_k: int, batch_samples: int, dtype: str):
-        import ray
-        import torch
-        from transformers.utils import logging as hf_logging
-
+    def __init__(self, model_source: str | list, threads: int, top_k: int, batch_samples: int, dtype: str):
         from pipeline.sampling import Sampler
 
-        torch.set_num_threads(max(1, int(threads)))
-        hf_logging.disable_progress_bar()
-        # The model's bytes arrive as a ref nested in a list, fetched here: the driver keeps the
-        # ref alive, so a restarted actor can fetch it again.
-        model_files: dict[str, bytes] = ray.get(files_ref[0])
-        with tempfile.TemporaryDirectory(prefix="rebm-model-") as tmp:
-            for name, data in model_files.items():
-                path = Path(tmp) / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-            model = load_model(tmp, dtype)
+        worker_setup(threads)
+        with model_directory(model_source) as directory:
+            model = load_model(directory, dtype)
         self.sampler = Sampler(model, top_k=top_k, batch_samples=batch_samples)
         self.shards_done = 0
 
@@ -286,20 +270,8 @@ class SamplerWorker:
         return {"tokens": out.tokens, "token_logprobs": out.token_logprobs, "logprob": out.logprob}
 
 
-@dataclass
-class PoolStats:
-    shards_computed: int = 0
-    shards_reused: int = 0
-    rows_computed: int = 0
-    new_tokens: int = 0
-    actor_failures: int = 0
-    resubmissions: int = 0
-    sample_seconds: float = 0.0
-    workers: list[dict] = field(default_factory=list)
-
-
-class SamplerPool:
-    """`num_workers` SamplerWorker actors, `inflight` shards queued on each."""
+class SamplerPool(ActorPool):
+    """`num_workers` SamplerWorker actors sharing one shipped LM; see `pipeline.actor_pool`."""
 
     def __init__(
         self,
@@ -311,82 +283,81 @@ class SamplerPool:
         dtype: str = "float32",
         max_restarts: int = 3,
         inflight: int = 2,
+        name: str = "negatives",
     ):
         import ray
 
-        self.inflight = inflight
-        files_ref = ray.put(model_files)
-        remote = ray.remote(SamplerWorker).options(
-            num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0
-        )
+        self._files_ref = ray.put(model_files)  # kept alive here so restarted actors can fetch it
         threads = max(1, int(cpus_per_worker))
-        self.actors = [remote.remote([files_ref], threads, top_k, batch_samples, dtype) for _ in range(num_workers)]
-        self._files_ref = files_ref  # keep the model in the object store for restarts
-        self.info = ray.get([a.ready.remote() for a in self.actors])
+        super().__init__(
+            SamplerWorker, ([self._files_ref], threads, top_k, batch_samples, dtype),
+            num_workers, cpus_per_worker, max_restarts=max_restarts, inflight=inflight, name=name,
+        )
 
-    def run(
-        self,
-        shards: list[Shard],
-        on_done: Callable[[Shard, dict], None],
-        stats: PoolStats,
-        max_attempts: int = 4,
-    ) -> None:
-        """Compute every shard, calling on_done(shard, result) on the driver once per shard."""
-        import ray
-        from ray.exceptions import RayActorError
+    def run_shards(self, shards: list[Shard], on_done: Callable[[Shard, dict], None], stats: PoolStats) -> None:
+        """Sample every shard, calling on_done(shard, result) on the driver once per shard."""
+        tasks = [
+            Task(f"{s.split}/{s.index}", "sample", (s.window_ids, s.prefixes, s.spec.n, s.spec.new_tokens, s.spec.seed), s)
+            for s in shards
+        ]
+        self.run(tasks, lambda task, result: on_done(task.payload, result), stats)
 
-        pending = deque(shards)
-        attempts = {(s.split, s.index): 0 for s in shards}
-        alive = set(range(len(self.actors)))
-        recovering: set[int] = set()
-        load = dict.fromkeys(alive, 0)
-        refs: dict[Any, tuple[int, Shard | None]] = {}
-        while pending or refs:
-            for i in sorted(alive - recovering):
-                while load[i] < self.inflight and pending:
-                    shard = pending.popleft()
-                    attempts[(shard.split, shard.index)] += 1
-                    ref = self.actors[i].sample.remote(
-                        shard.window_ids, shard.prefixes, shard.spec.n, shard.spec.new_tokens, shard.spec.seed
-                    )
-                    refs[ref] = (i, shard)
-                    load[i] += 1
-            if not refs:
-                raise RebmError("negatives: every Ray worker died and could not be restarted")
-            (ref,), _ = ray.wait(list(refs), num_returns=1)
-            i, shard = refs.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError:
-                if shard is None:  # the probe failed: the actor is gone for good
-                    alive.discard(i)
-                    recovering.discard(i)
-                    continue
-                load[i] -= 1
-                stats.actor_failures += 1
-                key = (shard.split, shard.index)
-                if attempts[key] >= max_attempts:
-                    raise RebmError(
-                        f"negatives: shard {shard.split}/{shard.index} failed {attempts[key]} times "
-                        "(its worker died each time)"
-                    ) from None
-                stats.resubmissions += 1
-                pending.appendleft(shard)
-                if i not in recovering:  # wait for Ray to restart it before giving it work
-                    recovering.add(i)
-                    refs[self.actors[i].ready.remote()] = (i, None)
-                continue
-            if shard is None:
-                recovering.discard(i)
-                continue
-            load[i] -= 1
-            on_done(shard, result)
 
-    def shutdown(self) -> None:
-        import ray
+@dataclass(frozen=True)
+class SampleJob:
+    """n continuations of `new_tokens` tokens for each prefix, seeded by (seed, window_id, index)."""
 
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
+    key: Any
+    window_ids: np.ndarray
+    prefixes: np.ndarray
+    n: int
+    new_tokens: int
+    seed: int
+
+
+def run_sample_jobs(
+    model_dir: Path,
+    jobs: list[SampleJob],
+    on_done: Callable[[SampleJob, dict], None],
+    *,
+    top_k: int,
+    batch_samples: int,
+    dtype: str,
+    num_workers: int,
+    cpus_per_worker: int = 1,
+    desc: str = "LM samples",
+    progress: bool = True,
+) -> None:
+    """Sample every job on `num_workers` SamplerWorker actors (0: in this process, no Ray).
+
+    The evaluate and generate stages' samples: on_done(job, {"tokens", "token_logprobs",
+    "logprob"}) is called on the driver once per job. Ray must be initialised when
+    num_workers > 0 (see `ray_session`).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.actor_pool import make_pool, ship
+
+    local = num_workers == 0
+    source = ship(model_dir, local)
+    threads = torch.get_num_threads() if local else cpus_per_worker
+    saved_threads = torch.get_num_threads()
+    pool = make_pool(SamplerWorker, (source, threads, top_k, batch_samples, dtype), num_workers, cpus_per_worker,
+                     name=desc)
+    tasks = [Task(job.key, "sample", (job.window_ids, job.prefixes, job.n, job.new_tokens, job.seed), job) for job in jobs]
+    bar = tqdm(total=sum(len(j.window_ids) * j.n for j in jobs), unit="sample", desc=desc, disable=not progress)
+
+    def done(task: Task, result: dict) -> None:
+        on_done(task.payload, result)
+        bar.update(len(task.payload.window_ids) * task.payload.n)
+
+    try:
+        pool.run(tasks, done, PoolStats())
+    finally:
+        bar.close()
+        pool.shutdown()
+        torch.set_num_threads(saved_threads)
 
 
 # --------------------------------------------------------------------------- the whole job
@@ -461,7 +432,7 @@ def generate_negatives(
                 on_shard_done(shard, pool)
 
         try:
-            pool.run(todo, done, stats)
+            pool.run_shards(todo, done, stats)
         finally:
             bar.close()
             pool.shutdown()

@@ -10,6 +10,7 @@ class DatasetPaths:
         self.dataset = dataset
         self.data = Path(root) / "data" / dataset
         self.models = Path(root) / "models" / dataset
+        self.results = Path(root) / "results" / dataset
 
     @property
     def docs(self) -> Path:
@@ -94,3 +95,31 @@ class DatasetPaths:
     def energy_checkpoint(self, variant: str) -> Path:
         """Resumable NCE training state while a run is in progress; deleted when it completes."""
         return self.models / "energy" / f".{variant}.tmp-checkpoint"
+
+    @property
+    def evaluation(self) -> Path:
+        """Stage evaluate's outputs: metrics.json, table1.md and the figures' TSVs."""
+        return self.results / "evaluation"
+
+    @property
+    def evaluation_checkpoint(self) -> Path:
+        """Finished parts of an interrupted evaluate run (LM log-probs, samples, energies)."""
+        return self.results / ".evaluation.tmp-checkpoint"
+
+    @property
+    def generations(self) -> Path:
+        """Stage generate's samples: generations.parquet, one row per test prefix (GENERATIONS_SCHEMA)."""
+        return self.data / "generations"
+
+    @property
+    def generations_file(self) -> Path:
+        return self.generations / "generations.parquet"
+
+    @property
+    def generation_results(self) -> Path:
+        """Stage generate's analyses: metrics.json, unique_ngrams.tsv, density_*.tsv, examples.md."""
+        return self.results / "generation"
+
+    @property
+    def generation_checkpoint(self) -> Path:
+        return self.results / ".generation.tmp-checkpoint"

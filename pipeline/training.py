@@ -12,6 +12,11 @@ to `checkpoint_dir/last`, replacing the previous one atomically. A rerun with th
 `fingerprint` continues from there: the data order is a pure function of (seed, epoch), so
 the resumed run sees the same batches with the same learning rates and dropout masks as an
 uninterrupted one. The caller deletes `checkpoint_dir` once the final artifact is written.
+
+Scale-out: with `cfg.workers > 1` the same loop runs data-parallel on Ray Train
+(`pipeline.distributed`); with `cfg.grad_accum > 1` each step accumulates micro-batches. Either
+way a step still consumes exactly the batch of `cfg.batch_size` rows a single process would,
+cut into `workers x grad_accum` equal micro-batches, so the run does not depend on the cluster.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +76,46 @@ class ShuffledBatches(Sequence):
             raise IndexError(i)
         return self.data[self.order[i * self.batch_size : (i + 1) * self.batch_size]]
 
+    def micro_batch(self, i: int, part: int, parts: int) -> torch.Tensor:
+        """Rows `part`·m … (`part`+1)·m of batch `i` (m = batch_size / parts), reading only those rows."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        size = self.batch_size // parts
+        start = i * self.batch_size + part * size
+        return self.data[self.order[start : start + size]]
+
+
+def slice_batch(batch: Any, part: int, parts: int) -> Any:
+    """Part `part` of `parts` equal row slices of a batch: a tensor, or a dict / list / tuple of
+    tensors that share their first dimension (an NCE batch is {"real": …, "lm": …})."""
+    if isinstance(batch, torch.Tensor):
+        if len(batch) % parts:
+            raise ValueError(f"a batch of {len(batch)} rows does not split into {parts} equal micro-batches")
+        size = len(batch) // parts
+        return batch[part * size : (part + 1) * size]
+    if isinstance(batch, dict):
+        return {key: slice_batch(value, part, parts) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(value, part, parts) for value in batch)
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into micro-batches")
+
+
+def rank_micro_batches(epoch_batches: Sequence[Any], i: int, rank: int, world: int, accum: int) -> list[Any]:
+    """The `accum` micro-batches replica `rank` of `world` computes for batch `i`.
+
+    Batch i is cut into world·accum equal slices in row order; replica r takes slices
+    r·accum … r·accum + accum − 1. Which rows a replica reads is thus a pure function of
+    (seed, epoch, i, rank, world, accum), and together the replicas cover exactly the batch a
+    single process would use. Batches with a `micro_batch(i, part, parts)` method (ShuffledBatches)
+    read only their rows; others are built whole and sliced.
+    """
+    parts = world * accum
+    wanted = range(rank * accum, (rank + 1) * accum)
+    if hasattr(epoch_batches, "micro_batch"):
+        return [epoch_batches.micro_batch(i, part, parts) for part in wanted]
+    whole = epoch_batches[i]
+    return [slice_batch(whole, part, parts) for part in wanted]
+
 
 # --------------------------------------------------------------------------- the loop
 @dataclass
@@ -95,6 +140,7 @@ class TrainResult:
     best_step: int
     curve: list[dict[str, float]]
     resumed_from: int  # 0 for a fresh run
+    step_seconds: list[float] = field(default_factory=list)  # each step this call ran (benchmarks)
 
 
 def optimizer_for(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -130,11 +176,18 @@ def _save_checkpoint(directory: Path, model: torch.nn.Module, optimizer, schedul
         (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json as TrainState keyword arguments."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    raw["best_valid"] = float(raw["best_valid"])
+    return raw
+
+
 def _load_checkpoint(directory: Path, fingerprint: str, model, optimizer, scheduler, device) -> TrainState | None:
     last = directory / "last"
     if not (last / "state.json").exists():
         return None
-    raw = json.loads((last / "state.json").read_text(encoding="utf-8"))
+    raw = read_state(last / "state.json")
     if raw.get("fingerprint") != fingerprint:
         return None  # a different configuration or data: start afresh
     load_model(model, str(last / "model.safetensors"), device=str(device))
@@ -142,13 +195,70 @@ def _load_checkpoint(directory: Path, fingerprint: str, model, optimizer, schedu
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
-    raw["best_valid"] = float(raw["best_valid"])
     return TrainState(**raw)
 
 
 def discard_checkpoint(directory: Path) -> None:
     if directory.exists():
         shutil.rmtree(directory)
+
+
+class CheckpointStore(Protocol):
+    """Where the loop keeps its resumable state and its best weights so far."""
+
+    fingerprint: str
+    best_path: Path  # best weights by validation, written by rank 0 when they improve
+
+    def restore(self, model, optimizer, scheduler, device: torch.device) -> TrainState | None:
+        """Load the last checkpoint of this configuration into the objects, or None to start afresh."""
+
+    def save(self, model, optimizer, scheduler, state: TrainState, step_seconds: list[float]) -> None:
+        """Write a checkpoint (called by every replica at the same steps)."""
+
+
+class DirectoryCheckpoints:
+    """The single-process store: `directory/last` (replaced atomically) and `directory/best.safetensors`."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.best_path = self.directory / "best.safetensors"
+
+    def restore(self, model, optimizer, scheduler, device: torch.device) -> TrainState | None:
+        state = _load_checkpoint(self.directory, self.fingerprint, model, optimizer, scheduler, device)
+        if state is None:
+            discard_checkpoint(self.directory)  # stale state from another configuration
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return state
+
+    def save(self, model, optimizer, scheduler, state: TrainState, step_seconds: list[float]) -> None:
+        _save_checkpoint(self.directory, model, optimizer, scheduler, state)
+
+
+# (params, mean loss of this replica's micro-batches, its tokens) -> (global mean loss, global tokens);
+# averages the gradients over the replicas in place.
+GradientSync = Callable[[list[torch.nn.Parameter], torch.Tensor, int], "tuple[torch.Tensor, int]"]
+
+
+@dataclass(frozen=True)
+class Replica:
+    """This process's place in a data-parallel run; the default is the single process."""
+
+    rank: int = 0
+    world: int = 1
+    sync: GradientSync | None = None
+
+
+def _accumulate(model, loss_fn: LossFn, micro_batches: list[Any], autocast) -> tuple[torch.Tensor, int]:
+    """Backward over each micro-batch with its loss scaled by 1/len, so the gradient is their mean."""
+    total, tokens = None, 0
+    for batch in micro_batches:
+        with autocast:
+            loss, n_tokens = loss_fn(model, batch)
+        (loss / len(micro_batches)).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        tokens += n_tokens
+    return total / len(micro_batches), tokens
 
 
 def train(
@@ -171,41 +281,90 @@ def train(
     autocast when `cfg.precision == "bf16"`. `evaluate(model)` runs every `cfg.eval_every`
     steps and at the end, in eval mode. `on_step(step)` is called after each step, after
     any checkpoint is written (tests use it to simulate a kill).
+
+    With `cfg.workers > 1` this runs on Ray Train (`pipeline.distributed.train_data_parallel`,
+    which needs a Ray session opened by the entry point); `device` is then the workers' device
+    and the returned model is back on the device it came on.
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    if cfg.workers > 1:
+        from pipeline.distributed import train_data_parallel
+
+        return train_data_parallel(
+            model, loss_fn, batches, evaluate, cfg, checkpoint_dir=Path(checkpoint_dir), seed=seed, device=device,
+            fingerprint=fingerprint, desc=desc, on_step=on_step,
+        )
+    store = DirectoryCheckpoints(Path(checkpoint_dir), fingerprint)
+    return run_loop(model, loss_fn, batches, evaluate, cfg, store=store, seed=seed, device=device, desc=desc,
+                    on_step=on_step)
+
+
+def run_loop(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: EpochBatches,
+    evaluate: Evaluate,
+    cfg: OptimConfig,
+    *,
+    store: CheckpointStore,
+    seed: int,
+    device: torch.device,
+    desc: str = "train",
+    on_step: StepHook | None = None,
+    replica: Replica = Replica(),
+) -> TrainResult:
+    """The loop itself, for one process: the single process, or one replica of a data-parallel run.
+
+    Every replica takes the same steps over the same global batches (its own micro-batches of
+    them), averages gradients through `replica.sync` before clipping, and so holds the same
+    weights; only rank 0 validates, keeps the best weights and shows progress. `seed` seeds
+    dropout on a fresh start. With one replica and `grad_accum == 1` a step is exactly the
+    classic forward, backward, clip, AdamW step.
+    """
     optimizer = optimizer_for(model, cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    state = _load_checkpoint(checkpoint_dir, fingerprint, model, optimizer, scheduler, device)
+    state = store.restore(model, optimizer, scheduler, device)
     resumed_from = state.step if state else 0
     if state is None:
-        discard_checkpoint(checkpoint_dir)  # stale state from another configuration
-        state = TrainState(fingerprint=fingerprint)
+        state = TrainState(fingerprint=store.fingerprint)
         torch.manual_seed(seed)  # dropout masks
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    best_path = checkpoint_dir / "best.safetensors"
+    best_path = store.best_path
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    lead = replica.rank == 0
+    parts = replica.world * cfg.grad_accum
+    step_seconds: list[float] = []
 
     model.train()
     loss_sum, loss_count, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=2.0,
+               disable=not lead)
     while state.step < cfg.max_steps:
         epoch_batches = batches(state.epoch)
         if state.batch_in_epoch >= len(epoch_batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
-        batch = epoch_batches[state.batch_in_epoch]
+        if parts == 1:
+            batch = epoch_batches[state.batch_in_epoch]
+        else:
+            micro = rank_micro_batches(epoch_batches, state.batch_in_epoch, replica.rank, replica.world,
+                                       cfg.grad_accum)
 
         t0 = time.perf_counter()
-        with autocast:
-            loss, n_tokens = loss_fn(model, batch)
-        loss.backward()
+        if parts == 1:
+            with autocast:
+                loss, n_tokens = loss_fn(model, batch)
+            loss.backward()
+        else:
+            loss, n_tokens = _accumulate(model, loss_fn, micro, autocast)
+            if replica.sync is not None:
+                loss, n_tokens = replica.sync(params, loss, n_tokens)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()  # also waits for the device, so the timing below is honest
         dt = time.perf_counter() - t0
+        step_seconds.append(dt)
 
         state.step += 1
         state.batch_in_epoch += 1
@@ -218,7 +377,7 @@ def train(
         bar.update(1)
 
         last = state.step == cfg.max_steps
-        if state.step % cfg.eval_every == 0 or last:
+        if (state.step % cfg.eval_every == 0 or last) and lead:
             valid = evaluate(model)
             model.train()
             state.curve.append({
@@ -230,14 +389,15 @@ def train(
                 "tokens_per_s": interval_tokens / max(interval_seconds, 1e-9),
                 "tokens": state.tokens,
             })
-            loss_sum, loss_count, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
             bar.write(f"{desc} step {state.step}: train {state.curve[-1]['train_loss']:.4f} valid {valid:.4f}")
             if valid < state.best_valid:
                 state.best_valid, state.best_step = valid, state.step
                 with atomic_output(best_path, directory=False) as tmp:
                     save_model(model, str(tmp))
+        if state.step % cfg.eval_every == 0 or last:
+            loss_sum, loss_count, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
         if state.step % cfg.checkpoint_every == 0 or last:
-            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
+            store.save(model, optimizer, scheduler, state, step_seconds)
         if on_step is not None:
             on_step(state.step)
     bar.close()
@@ -253,6 +413,7 @@ def train(
         best_step=state.best_step,
         curve=state.curve,
         resumed_from=resumed_from,
+        step_seconds=step_seconds,
     )
 
 

@@ -26,6 +26,10 @@ app = typer.Typer(
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
 DatasetArg = Annotated[str, typer.Argument(help="dataset key under `datasets:` in params.yaml")]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
+]
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,10 +74,7 @@ def tokenize(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")) ->
 def negatives(
     dataset: DatasetArg,
     params: ParamsOption = Path("params.yaml"),
-    ray_address: Annotated[
-        str | None,
-        typer.Option("--ray-address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
-    ] = None,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Sample n continuations per prefix from the base LM on Ray actors into data/<dataset>/negatives."""
     from stages import negatives as stage
@@ -116,6 +117,46 @@ def train_ebm(
 
     _print_summary(stage.run(dataset, variant, params))
 
+
+@app.command()
+@_user_errors
+def evaluate(
+    dataset: DatasetArg,
+    params: ParamsOption = Path("params.yaml"),
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Table 1 (LM perplexities, joint-model ranges), Figure 1 and Figure 2 (left) into results/<dataset>/evaluation."""
+    from stages import evaluate as stage
+
+    _print_summary(stage.run(dataset, params, ray_address=ray_address))
+
+
+@app.command()
+@_user_errors
+def generate(
+    dataset: DatasetArg,
+    params: ParamsOption = Path("params.yaml"),
+    prompt: Annotated[str | None, typer.Option("--prompt", help="generate for this text instead of the test set")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="read the prompt from a file")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="top-k samples to resample from (default generate.n_gen)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for the prompt's samples (default: params seed)")] = None,
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Algorithm 1 on the test prefixes (the DVC stage), or on --prompt / --prompt-file text, side by side."""
+    from stages import generate as stage
+
+    if prompt is not None and prompt_file is not None:
+        raise RebmError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise RebmError(f"--prompt-file {prompt_file}: no such file")
+        prompt = prompt_file.read_text(encoding="utf-8")
+    if prompt is not None:
+        typer.echo(stage.side_by_side(stage.run_prompt(dataset, params, prompt, n_gen=samples, seed=seed)))
+        return
+    _print_summary(stage.run(dataset, params, ray_address=ray_address))
+
+
 bench_app = typer.Typer(help="Measure throughput on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -125,12 +166,18 @@ app.add_typer(bench_app, name="bench")
 def bench_train(
     params: ParamsOption = Path("params.yaml"),
     variant: Annotated[str, typer.Option(help="train_lm variant whose architecture and batch size to time")] = "base",
-    steps: Annotated[int, typer.Option(help="timed training steps per precision")] = 5,
+    steps: Annotated[int, typer.Option(help="timed training steps per precision (or per worker count)")] = 5,
+    workers: Annotated[int, typer.Option(
+        help="above 1: tokens/s of the training loop on 1 worker (baseline) vs this many Ray Train workers")] = 1,
 ) -> None:
-    """Training tokens/s and GFLOP/s of an LM against this machine's measured matmul peak (fp32, bf16)."""
+    """Training tokens/s and GFLOP/s of an LM against this machine's measured matmul peak (fp32, bf16);
+    with --workers N, the data-parallel loop on N Ray Train workers against 1 worker, same model and batch."""
     from pipeline import bench
 
-    _print_summary(bench.train_benchmark(params, variant, steps))
+    if workers > 1:
+        _print_summary(bench.data_parallel_benchmark(params, variant, workers, steps))
+    else:
+        _print_summary(bench.train_benchmark(params, variant, steps))
 
 
 @bench_app.command("sample")
@@ -168,6 +215,51 @@ def bench_ebm(
 
     bit_star = load_section(TrainEBMConfig, "train_ebm", params).bit_star.init
     typer.echo(bench_ebm.format_report(bench_ebm.ebm_benchmark(dataset, bit_star, batch)))
+
+
+# --------------------------------------------------------------------------- humaneval
+humaneval_app = typer.Typer(
+    help="Human evaluation (paper Table 2, Appendix A.4): export an A/B sheet, score the votes.",
+    no_args_is_help=True,
+)
+app.add_typer(humaneval_app, name="humaneval")
+
+
+@humaneval_app.command("export")
+@_user_errors
+def humaneval_export(
+    datasets: Annotated[
+        list[str],
+        typer.Argument(help="dataset keys (reads data/<dataset>/generations/generations.parquet) or NAME=PATH"),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="directory for sheet.html and pairs.csv")] = Path("reports/humaneval"),
+    pair: Annotated[
+        list[str] | None,
+        typer.Option("--pair", help="MODEL_1:MODEL_2 to compare, repeatable (default: joint:base, joint:gold)"),
+    ] = None,
+    windows: Annotated[
+        int | None, typer.Option(help="windows compared per dataset; the rest feed attention checks (default: all)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="randomises sides and order (default: seed in params)")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Write a self-contained HTML rating sheet and the CSV key of its A/B pairs (1 in 4 is an attention check)."""
+    from stages import humaneval as stage
+
+    _print_summary(stage.export(datasets, out, params, pairs=pair, windows=windows, seed=seed))
+
+
+@humaneval_app.command("score")
+@_user_errors
+def humaneval_score(
+    votes: Annotated[list[Path], typer.Argument(help="votes CSV file(s): rater_id, pair_id, choice (A or B)")],
+    pairs: Annotated[Path, typer.Option("--pairs", help="the key written by export")] = Path("reports/humaneval/pairs.csv"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the table as JSON")] = None,
+) -> None:
+    """Drop raters who fail an attention check and print Table 2: preference rate and one-sided binomial p-value."""
+    from stages import humaneval as stage
+
+    typer.echo(stage.score(votes, pairs, json_out).markdown(), nl=False)
 
 if __name__ == "__main__":
     app()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import EncoderArch, PretrainMLMConfig, load_device, load_section, load_seed, load_subsection
+from pipeline.distributed import cluster_for, training_device
 from pipeline.io import fingerprint
 from pipeline.lm import count_parameters, load_tokenizer
 from pipeline.mlm import build_mlm, mlm_tokenizer, pretrain_mlm
@@ -33,12 +34,14 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     tokenizer = mlm_tokenizer(load_tokenizer(paths.tokenizer, "pretrain_mlm"))
     torch.manual_seed(seed)
     model = build_mlm(arch, tokenizer, max_positions=train_ids.shape[1]).to(device)
-    result = pretrain_mlm(
-        model, tokenizer, train_ids, valid_ids, cfg,
-        seed=seed, checkpoint_dir=paths.mlm_checkpoint, device=device,
-        fingerprint=fingerprint(cfg.model_dump(mode="json"), arch.model_dump(mode="json"), seed, train_ids.numpy()),
-        desc=f"{dataset}/mlm",
-    )
+    with cluster_for(cfg.optim):  # a Ray session (RAY_ADDRESS, else local) only above one worker
+        result = pretrain_mlm(
+            model, tokenizer, train_ids, valid_ids, cfg,
+            seed=seed, checkpoint_dir=paths.mlm_checkpoint, device=training_device(cfg.optim, device),
+            fingerprint=fingerprint(cfg.model_dump(mode="json"), arch.model_dump(mode="json"), seed,
+                                    train_ids.numpy()),
+            desc=f"{dataset}/mlm",
+        )
     metrics = {
         "dataset": dataset,
         "parameters": count_parameters(model.bert),
@@ -48,6 +51,7 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
         "best_step": result.best_step,
         "train_seconds": round(result.train_seconds, 1),
         "resumed_from_step": result.resumed_from,
+        "workers": cfg.optim.workers,
     }
     return save_trained_run(
         model, tokenizer, result, metrics,

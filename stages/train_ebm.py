@@ -24,6 +24,7 @@ from pipeline.config import (
     load_section,
     load_seed,
 )
+from pipeline.distributed import cluster_for, training_device
 from pipeline.ebm_data import load_nce_data
 from pipeline.energy import EnergyModel, EnergyScorer, resolve_pretrained
 from pipeline.errors import RebmError
@@ -69,15 +70,16 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
           f"{'token ids' if scorer.shares_vocab else 'detokenised text'} in, "
           f"{len(train_data)} train windows x {train_data.samples_per_prefix} LM samples")
 
-    result = train_energy(
-        scorer, train_data, valid_data, cfg.optim,
-        seed=seed, checkpoint_dir=paths.energy_checkpoint(variant), device=device,
-        fingerprint=fingerprint(
-            cfg.model_dump(mode="json"), seed, prefix_len, source,
-            file_digest(Path(source) / "config.json"), train_data.windows, train_data.negatives,
-        ),
-        desc=f"{dataset}/{variant}",
-    )
+    with cluster_for(cfg.optim):  # a Ray session (RAY_ADDRESS, else local) only above one worker
+        result = train_energy(
+            scorer, train_data, valid_data, cfg.optim,
+            seed=seed, checkpoint_dir=paths.energy_checkpoint(variant), device=training_device(cfg.optim, device),
+            fingerprint=fingerprint(
+                cfg.model_dump(mode="json"), seed, prefix_len, source,
+                file_digest(Path(source) / "config.json"), train_data.windows, train_data.negatives,
+            ),
+            desc=f"{dataset}/{variant}",
+        )
     valid = validate(scorer, valid_data, cfg.optim.eval_batch_size, seed)
     metrics = {
         "dataset": dataset,
@@ -94,7 +96,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "train_seconds": round(result.train_seconds, 1),
         "train_sequences_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
         "resumed_from_step": result.resumed_from,
-        "device": str(device),
+        "device": str(training_device(cfg.optim, device)),
+        "workers": cfg.optim.workers,
     }
     return save_trained_run(
         model, body_tokenizer, result, metrics,

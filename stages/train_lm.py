@@ -27,6 +27,7 @@ from pipeline.config import (
     load_seed,
     load_subsection,
 )
+from pipeline.distributed import cluster_for, training_device
 from pipeline.errors import RebmError
 from pipeline.io import file_digest, fingerprint
 from pipeline.lm import (
@@ -127,29 +128,32 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
             print(f"{dataset}/{variant}: {key} = {value:,}")
 
     optim = cfg.optim
+    train_device = training_device(optim, device)  # the Ray Train workers' device when optim.workers > 1
     train_ids = torch.from_numpy(splits["train"])
     valid_ids = torch.from_numpy(splits["valid"])
 
     def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-        batch = batch.to(device, non_blocking=True)
+        batch = batch.to(train_device, non_blocking=True)
         return m(input_ids=batch, labels=batch).loss, batch.shape[0] * (batch.shape[1] - 1)
 
     def evaluate(m: torch.nn.Module) -> float:
-        total, count = continuation_nll(m, valid_ids, prefix_len, optim.eval_batch_size, device, optim.precision)
+        total, count = continuation_nll(m, valid_ids, prefix_len, optim.eval_batch_size, train_device,
+                                        optim.precision)
         return total / count
 
-    result = train(
-        model,
-        loss_fn,
-        lambda epoch: ShuffledBatches(train_ids, optim.batch_size, seed, epoch),
-        evaluate,
-        optim,
-        checkpoint_dir=paths.lm_checkpoint(variant),
-        seed=seed,
-        device=device,
-        fingerprint=fingerprint(cfg.model_dump(mode="json"), seed, prefix_len, extra_fingerprint, splits["train"]),
-        desc=f"{dataset}/{variant}",
-    )
+    with cluster_for(optim):  # a Ray session (RAY_ADDRESS, else local) only above one worker
+        result = train(
+            model,
+            loss_fn,
+            lambda epoch: ShuffledBatches(train_ids, optim.batch_size, seed, epoch),
+            evaluate,
+            optim,
+            checkpoint_dir=paths.lm_checkpoint(variant),
+            seed=seed,
+            device=train_device,
+            fingerprint=fingerprint(cfg.model_dump(mode="json"), seed, prefix_len, extra_fingerprint, splits["train"]),
+            desc=f"{dataset}/{variant}",
+        )
 
     for split in ("valid", "test"):
         total, count = continuation_nll(model, splits[split], prefix_len, optim.eval_batch_size, device,
@@ -164,7 +168,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "train_seconds": round(result.train_seconds, 1),
         "train_tokens_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
         "resumed_from_step": result.resumed_from,
-        "device": str(device),
+        "device": str(train_device),
+        "workers": optim.workers,
         "precision": optim.precision,
     }
 

@@ -59,3 +59,92 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+
+
+# --------------------------------------------------------------------------- a toy finished run
+PREFIX, SEQ, N_NEG, N_TEST = 12, 16, 8, 6
+
+
+def tiny_gpt2(vocab: int, seed: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+def energy_model(body, architecture: str, scale: float):
+    import torch
+
+    from pipeline.energy import EnergyModel
+
+    model = EnergyModel.from_body(body, architecture)
+    with torch.no_grad():
+        model.head.weight.mul_(scale)
+        if scale == 0:
+            model.head.bias.zero_()
+    return model.eval()
+
+
+def build_toy_run(root: Path) -> Path:
+    """A finished toy run under `root`: test windows and negatives, base/BALM LMs, two energies.
+
+    unit is E ≡ 0 (so the joint model IS the base LM), bit a random bidirectional energy with
+    |E| ~ 1; the negatives are real samples of the base LM. Small enough for brute force.
+    """
+    import numpy as np
+    import torch
+    import yaml
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    from pipeline.io import write_json, write_table
+    from pipeline.negatives import NEGATIVES_SCHEMA
+    from pipeline.sampling import Sampler
+    from pipeline.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([f"word{i} and more words {i % 7}" for i in range(200)], vocab_size=300, min_frequency=1)
+    vocab = len(tok)
+    tok.save_pretrained(root / "data/toy/tokenizer")
+    rng = np.random.default_rng(0)
+    windows = rng.integers(1, vocab, (N_TEST, SEQ)).astype(np.int64)
+    window_ids = SPLIT_ID_BASE["test"] + np.arange(N_TEST)
+    write_table(root / "data/toy/windows/test.parquet",
+                {"window_id": window_ids, "doc_id": ["d"] * N_TEST, "input_ids": list(windows.astype(np.int32))},
+                WINDOWS_SCHEMA)
+    for name, seed in (("base", 0), ("balm", 1)):
+        tiny_gpt2(vocab, seed).save_pretrained(root / f"models/toy/lm/{name}")
+        tok.save_pretrained(root / f"models/toy/lm/{name}")
+    # Test negatives: real samples of the base LM (full distribution), as the negatives stage writes them.
+    samples = Sampler(tiny_gpt2(vocab, 0)).sample(windows[:, :PREFIX], window_ids, N_NEG, SEQ - PREFIX, seed=5)
+    rows = [(w, s) for w in window_ids for s in range(N_NEG)]
+    write_table(root / "data/toy/negatives/test/shard-00000.parquet", {
+        "window_id": [w for w, _ in rows], "sample_idx": [s for _, s in rows],
+        "token_ids": list(samples.tokens.reshape(len(rows), -1)), "lm_logprob": list(samples.logprob.reshape(-1)),
+        "lm_token_logprobs": list(samples.token_logprobs.reshape(len(rows), -1)),
+    }, NEGATIVES_SCHEMA)
+    write_json(root / "data/toy/negatives/manifest.json", {"top_k": 0})
+    # unit: E ≡ 0 (the joint model IS the base LM); bit: a random bidirectional energy, |E| ~ 1.
+    torch.manual_seed(2)
+    zero = energy_model(GPT2Model(GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2)),
+                        "unit", 0.0)
+    bit = energy_model(BertModel(BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)),
+                       "bit", 60.0)
+    for name, model in (("unit", zero), ("bit", bit)):
+        model.save_pretrained(root / f"models/toy/energy/{name}")
+        tok.save_pretrained(root / f"models/toy/energy/{name}")
+    params = {
+        "seed": 7, "device": "cpu",
+        "tokenize": {"vocab_size": 300, "prefix_len": PREFIX, "seq_len": SEQ, "stride": SEQ},
+        "negatives": {"samples": {"toy": {"test": N_NEG}}, "batch_samples": 64, "dtype": "float32"},
+        "evaluate": {
+            "lms": ["base", "balm"], "energies": ["unit", "bit"], "n_eval": None, "sample_counts": [2, 4, 8],
+            "positions": {"energies": ["unit", "bit"], "windows": 4, "samples": 6, "exact_last_windows": 2},
+            "precision": "fp32", "batch_size": 16, "shard_sequences": 64, "num_workers": 0,
+        },
+        "generate": {"energy": "bit", "n_gen": 6, "top_k": 10, "windows": None, "shard_windows": 4,
+                     "density_bins": 8, "precision": "fp32", "batch_size": 16, "shard_sequences": 64,
+                     "num_workers": 0},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root

@@ -1,0 +1,107 @@
+"""Energies of many token windows, in fixed shards, on Ray actors or in this process.
+
+The evaluate and generate stages score hundreds of thousands of sequences (every LM sample
+of every test prefix, and |V| candidates per window for the exact last position). The work
+is cut into shards of `shard_sequences` consecutive rows, so each shard meets the same
+numerics whichever worker runs it and the energies do not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.actor_pool import PoolStats, Task, make_pool, model_directory, ship, worker_setup
+
+
+class EnergyWorker:
+    """Holds one energy model and the LM's tokenizer; `score` returns E for a block of windows."""
+
+    def __init__(self, energy_source: str | list, tokenizer_source: str | list, threads: int, precision: str,
+                 batch_size: int):
+        from transformers import AutoTokenizer
+
+        from pipeline.energy import EnergyScorer, load_energy
+
+        worker_setup(threads)
+        with model_directory(energy_source) as energy_dir, model_directory(tokenizer_source) as tok_dir:
+            model, body_tokenizer = load_energy(energy_dir)
+            lm_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.scorer = EnergyScorer(model.eval(), body_tokenizer, lm_tokenizer)
+        self.precision = precision
+        self.batch_size = batch_size
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "input": "ids" if self.scorer.shares_vocab else "text"}
+
+    def score(self, windows: np.ndarray) -> np.ndarray:
+        return score_windows(self.scorer, windows, self.batch_size, self.precision)
+
+
+@torch.inference_mode()
+def score_windows(scorer, windows: np.ndarray, batch_size: int, precision: str = "fp32") -> np.ndarray:
+    """E(x) for every row of `windows` ([N, T] LM token ids) as float64 [N]."""
+    windows = np.asarray(windows, dtype=np.int64)
+    out = np.empty(len(windows), dtype=np.float64)
+    was_training = scorer.model.training
+    scorer.model.eval()
+    device = scorer.device
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = torch.from_numpy(windows[start : start + batch_size])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out[start : start + len(batch)] = scorer(batch).double().cpu().numpy()
+    finally:
+        scorer.model.train(was_training)
+    return out
+
+
+def score_energies(
+    energy_dir,
+    tokenizer_dir,
+    windows: np.ndarray,
+    *,
+    shard_sequences: int,
+    batch_size: int,
+    precision: str,
+    num_workers: int,
+    cpus_per_worker: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+    stats: PoolStats | None = None,
+) -> np.ndarray:
+    """E of every row of `windows` [N, T], sharded over `num_workers` actors (0: this process).
+
+    Ray must already be initialised when num_workers > 0 (see `pipeline.negatives.ray_session`).
+    """
+    windows = np.ascontiguousarray(windows, dtype=np.int64)
+    local = num_workers == 0
+    energy_source = ship(energy_dir, local)
+    tokenizer_source = ship(tokenizer_dir, local, require_config=False)
+    threads = torch.get_num_threads() if local else cpus_per_worker
+    out = np.full(len(windows), np.nan)
+    tasks = [
+        Task(start, "score", (windows[start : start + shard_sequences],), start)
+        for start in range(0, len(windows), shard_sequences)
+    ]
+    if not tasks:
+        return out
+    saved_threads = torch.get_num_threads()
+    pool = make_pool(EnergyWorker, (energy_source, tokenizer_source, threads, precision, batch_size),
+                     num_workers, cpus_per_worker, name=f"energies of {energy_dir}")
+
+    def done(task: Task, energies: np.ndarray) -> None:
+        out[task.payload : task.payload + len(energies)] = energies
+        if on_progress is not None:
+            on_progress(len(energies))
+
+    try:
+        pool.run(tasks, done, stats or PoolStats())
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(saved_threads)
+    if np.isnan(out).any():
+        raise RuntimeError(f"energies of {energy_dir}: {int(np.isnan(out).sum())} sequences were not scored")
+    return out

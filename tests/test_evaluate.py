@@ -1,0 +1,241 @@
+"""Stage evaluate and its estimators on toy models small enough to check by brute force."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pipeline.bounds import log_partition_bounds
+from pipeline.energy import EnergyScorer
+from pipeline.errors import RebmError
+from pipeline.evaluation import completed_windows, per_position_logprob_bounds
+from pipeline.io import write_json
+from pipeline.sampling import Sampler
+from stages import evaluate as stage
+
+from conftest import N_NEG, N_TEST, PREFIX, SEQ  # noqa: E402  (the toy run's shape)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import build_toy_run
+
+    return build_toy_run(tmp_path_factory.mktemp("evaluate"))
+
+
+def evaluate(root: Path, **overrides) -> dict:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, *keys = dotted.split("__")
+        target = params[section]
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    path = root / "params-run.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return stage.run("toy", path, root=root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def result(project: Path) -> dict:
+    return evaluate(project)
+
+
+def read_tsv(root: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(root / "results/toy/evaluation" / name, sep="\t")
+
+
+def test_zero_energy_reproduces_the_base_lm_everywhere(project: Path, result: dict) -> None:
+    base = result["perplexity"]["base"]["ppl"]
+    unit = result["joint"]["unit"]
+    assert unit["ppl_low"] == pytest.approx(base, rel=1e-12) and unit["ppl_high"] == pytest.approx(base, rel=1e-12)
+    positions = read_tsv(project, "position_ppl.tsv")
+    assert list(positions["position"]) == list(range(PREFIX + 1, SEQ + 1))
+    np.testing.assert_allclose(positions["unit_ppl_low"], positions["base_ppl"], rtol=1e-5)
+    np.testing.assert_allclose(positions["unit_ppl_high"], positions["base_ppl"], rtol=1e-5)
+    last = read_tsv(project, "last_position.tsv")
+    unit_last = last[last["energy"] == "unit"]
+    np.testing.assert_allclose(unit_last["exact_logprob"], unit_last["base_logprob"], atol=1e-9)
+
+
+def test_exact_last_position_equals_brute_force(project: Path, result: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.energy import load_energy
+    from pipeline.lm import load_lm
+    from pipeline.tokenization import read_windows
+
+    ids, windows = read_windows(project / "data/toy/windows/test.parquet")
+    lm = load_lm(project / "models/toy/lm/base")
+    model, body_tok = load_energy(project / "models/toy/energy/bit")
+    scorer = EnergyScorer(model.eval(), body_tok, AutoTokenizer.from_pretrained(project / "data/toy/tokenizer"))
+    last = read_tsv(project, "last_position.tsv")
+    bit = last[last["energy"] == "bit"]
+    assert len(bit) == 2
+    for _, row in bit.iterrows():
+        window = windows[list(ids).index(row["window_id"])]
+        with torch.no_grad():
+            lm_lp = torch.log_softmax(lm(input_ids=torch.tensor(window[None, :-1])).logits[0, -1].double(), -1)
+            terms = []
+            for v in range(lm.config.vocab_size):  # one candidate at a time, no batching
+                candidate = torch.tensor(np.concatenate([window[:-1], [v]])[None])
+                terms.append(lm_lp[v].item() - scorer(candidate).item())
+        expected = terms[window[-1]] - torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0).item()
+        assert row["exact_logprob"] == pytest.approx(expected, abs=1e-5)
+        assert row["exact_logprob"] != pytest.approx(row["base_logprob"], abs=1e-4)  # the energy matters
+
+
+def test_ranges_tables_and_figures(project: Path, result: dict) -> None:
+    bit = result["joint"]["bit"]
+    assert bit["ppl_low"] <= bit["ppl_high"]
+    curve = read_tsv(project, "ppl_vs_samples.tsv")
+    assert list(curve["samples"]) == [2, 4, 8]
+    assert (curve["bit_ppl_low"] <= curve["bit_ppl_high"]).all()
+    assert curve["bit_ppl_low"].iloc[-1] == pytest.approx(bit["ppl_low"], rel=1e-4)
+    table = (project / "results/toy/evaluation/table1.md").read_text()
+    for name in ("BASE LM", "BALM", "JOINT UNIT", "JOINT BIT-BASE"):
+        assert f"| {name} |" in table
+    metrics = json.loads((project / "results/toy/evaluation/metrics.json").read_text())
+    assert metrics["n_eval"] == N_NEG and metrics["continuation_tokens"] == N_TEST * (SEQ - PREFIX)
+    assert metrics["positions"]["bit"]["last_position"]["exact_windows"] == 2
+    assert not (project / "results/toy/.evaluation.tmp-checkpoint").exists()
+
+
+def without_wall(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "wall_seconds"}
+
+
+def test_an_interrupted_run_resumes_from_its_finished_parts(project: Path, result: dict, monkeypatch) -> None:
+    scored, lm_calls = [], []
+    real_score, real_sample = stage._score_variant, stage._sample_positions
+
+    class Crash(Exception):
+        pass
+
+    def crash_on_second(*args, **kwargs):
+        if scored:
+            raise Crash
+        scored.append(args[0])
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_score_variant", crash_on_second)
+    with pytest.raises(Crash):
+        evaluate(project)
+    assert (project / "results/toy/.evaluation.tmp-checkpoint/energies_unit.npz").exists()
+
+    def count_score(*args, **kwargs):
+        scored.append(args[0])
+        return real_score(*args, **kwargs)
+
+    def count_sample(*args, **kwargs):
+        lm_calls.append(args[0])
+        return real_sample(*args, **kwargs)
+
+    scored.clear()
+    monkeypatch.setattr(stage, "_score_variant", count_score)
+    monkeypatch.setattr(stage, "_sample_positions", count_sample)
+    resumed = evaluate(project)
+    assert [Path(p).name for p in scored] == ["bit"] and lm_calls == []  # unit energies and samples reused
+    assert without_wall(resumed) == without_wall(result)
+
+
+@pytest.mark.slow
+def test_ray_actors_give_the_in_process_result(project: Path, result: dict) -> None:
+    on_ray = evaluate(project, evaluate__num_workers=2)
+    a, b = without_wall(on_ray), without_wall(result)
+    assert a["perplexity"] == b["perplexity"]
+    for variant in ("unit", "bit"):
+        for key in ("ppl_low", "ppl_high"):
+            assert a["joint"][variant][key] == pytest.approx(b["joint"][variant][key], rel=1e-6)
+        exact = a["positions"][variant]["last_position"]["exact_ppl"]
+        assert exact == pytest.approx(b["positions"][variant]["last_position"]["exact_ppl"], rel=1e-6)
+
+
+def test_bad_settings_name_the_key_or_file(project: Path) -> None:
+    with pytest.raises(RebmError, match=r"evaluate.n_eval=9 .* negatives.samples.toy.test"):
+        evaluate(project, evaluate__n_eval=9)
+    with pytest.raises(RebmError, match=r"positions.energies names \['bit_star'\]"):
+        evaluate(project, evaluate__positions__energies=["bit_star"])
+    with pytest.raises(RebmError, match=r"models/toy/energy/bit_star: not found; run stage train_ebm_bit_star@toy"):
+        evaluate(project, evaluate__energies=["bit_star"], evaluate__positions__energies=[])
+    manifest = project / "data/toy/negatives/manifest.json"
+    saved = manifest.read_text()
+    try:
+        write_json(manifest, {"top_k": 10})
+        with pytest.raises(RebmError, match="top_k=10"):
+            evaluate(project)
+    finally:
+        manifest.write_text(saved)
+
+
+# --------------------------------------------------------------------------- estimators
+def test_per_position_bounds_telescope_to_the_sequence_likelihood() -> None:
+    """With one energy per column, Eq. 5's terms telescope: Σ_t log P(x_t|x_<t) = log P_LM − E(x) − (−c_0)."""
+    rng = np.random.default_rng(0)
+    W, L, n = 3, 5, 4
+    column = rng.normal(size=(W, L))
+    energies = np.repeat(column[:, :, None], n, axis=2)
+    real = rng.normal(size=W)
+    base = -rng.random((W, L)) * 5
+    lower, upper = per_position_logprob_bounds(base, real, energies)
+    np.testing.assert_allclose(lower, upper, atol=1e-12)
+    log_z = -column[:, 0]  # every completion from p+1 on has energy c_0: Z = exp(−c_0)
+    np.testing.assert_allclose(lower.sum(1), base.sum(1) - real - log_z, atol=1e-12)
+
+
+def test_completed_windows_keep_the_prefix_and_append_each_sample() -> None:
+    windows = np.arange(2 * 6).reshape(2, 6)
+    cont = np.full((2, 3, 2), -1)
+    out = completed_windows(windows, 4, cont)
+    assert out.shape == (2, 3, 6)
+    assert (out[:, :, :4] == windows[:, None, :4]).all() and (out[:, :, 4:] == -1).all()
+
+
+def test_bounds_bracket_log_z_of_a_real_lm_and_energy_by_enumeration() -> None:
+    """A 6-token GPT-2 and 3 new tokens: Z over all 216 continuations, vs T_n and U_n from its samples."""
+    vocab, prefix, new = 6, 2, 3
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(8)  # a peaked LM, so samples differ from uniform guessing
+    prefix_ids = np.array([[1, 2]])
+    grid = np.stack(np.meshgrid(*[np.arange(vocab)] * new, indexing="ij"), -1).reshape(-1, new)
+    full = torch.from_numpy(np.concatenate([np.repeat(prefix_ids, len(grid), 0), grid], 1))
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(input_ids=full).logits[:, prefix - 1 : -1].double(), -1)
+        lm_logprob = logp.gather(-1, full[:, prefix:, None]).squeeze(-1).sum(-1)
+    energy = torch.from_numpy(np.random.default_rng(1).normal(0, 1.5, len(grid)))
+    assert abs(lm_logprob.exp().sum().item() - 1) < 1e-9  # the enumeration is complete
+    log_z = torch.logsumexp(lm_logprob - energy, 0).item()
+
+    trials = 3000
+    samples = Sampler(lm, batch_samples=4096).sample(
+        np.repeat(prefix_ids, trials, 0), np.arange(trials), 32, new, seed=11
+    ).tokens.astype(np.int64)  # [trials, 32, 3]
+    index = (samples * np.array([vocab**2, vocab, 1])).sum(-1)  # row of each sample in `grid`
+    gaps = []
+    for n in (4, 32):
+        lower, upper = log_partition_bounds(-energy[torch.from_numpy(index[:, :n])])
+        assert lower.mean().item() < log_z < upper.mean().item()
+        gaps.append(upper.mean().item() - lower.mean().item())
+    assert gaps[1] < gaps[0] / 3
+    assert math.isfinite(log_z)
+
+
+def test_config_rejects_an_exact_subset_larger_than_the_windows(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    bad = copy.deepcopy(params)
+    bad["evaluate"]["positions"]["exact_last_windows"] = 5
+    path = project / "params-bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(RebmError, match="exact_last_windows"):
+        stage.run("toy", path, root=project, progress=False)
