@@ -123,3 +123,37 @@ class DatasetPaths:
     @property
     def generation_checkpoint(self) -> Path:
         return self.results / ".generation.tmp-checkpoint"
+
+
+class ReportPaths:
+    """Stage report's outputs (reports/report.md, report.html, figures/) and the human-eval files it reads."""
+
+    def __init__(self, root: Path = Path(".")):
+        self.reports = Path(root) / "reports"
+
+    @property
+    def markdown(self) -> Path:
+        return self.reports / "report.md"
+
+    @property
+    def html(self) -> Path:
+        """The same report as one self-contained page (inline CSS, figures as data URIs)."""
+        return self.reports / "report.html"
+
+    @property
+    def figures(self) -> Path:
+        """Figures 1–3 per dataset as PNG (report.md links them; report.html inlines them)."""
+        return self.reports / "figures"
+
+    @property
+    def humaneval(self) -> Path:
+        """`rebm humaneval export` writes sheet.html and pairs.csv here; raters' CSVs go in votes/."""
+        return self.reports / "humaneval"
+
+    @property
+    def humaneval_pairs(self) -> Path:
+        return self.humaneval / "pairs.csv"
+
+    @property
+    def humaneval_votes(self) -> Path:
+        return self.humaneval / "votes"

@@ -51,7 +51,7 @@ def score_windows(scorer, windows: np.ndarray, batch_size: int, precision: str =
     device = scorer.device
     try:
         for start in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[start : start + batch_size])
+            batch = torch.tensor(windows[start : start + batch_size])  # a copy: arrays from Ray are read-only
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 out[start : start + len(batch)] = scorer(batch).double().cpu().numpy()
     finally:

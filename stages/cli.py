@@ -157,6 +157,46 @@ def generate(
     _print_summary(stage.run(dataset, params, ray_address=ray_address))
 
 
+@app.command()
+@_user_errors
+def report(params: ParamsOption = Path("params.yaml")) -> None:
+    """Table 1, Figures 1-3, examples, Table 2 (if votes exist), stage times and provenance for every
+    dataset: reports/report.md, a self-contained reports/report.html and reports/figures/*.png."""
+    from stages import report as stage
+
+    _print_summary(stage.run(params))
+
+
+@app.command()
+@_user_errors
+def plan(
+    params: Annotated[Path, typer.Argument(help="params file to check and plan")] = Path("params.yaml"),
+    windows: Annotated[
+        list[str] | None,
+        typer.Option("--windows", help="DATASET=TRAIN,VALID,TEST windows per split (k/M/G allowed), repeatable; "
+                     "default: data/<dataset>/tokenize_stats.json when it matches the params"),
+    ] = None,
+    model_config: Annotated[
+        list[str] | None,
+        typer.Option("--model-config", help="NAME=DIR: read the config of a pretrained model (e.g. roberta-base) "
+                     "from DIR or DIR/config.json, repeatable"),
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="directory holding data/<dataset>/")] = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Validate every section of a params file (all errors, exit 2), then print each stage's sequences, tokens and FLOPs."""
+    from pipeline import plan as planner
+
+    configs = {}
+    for spec in model_config or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise RebmError(f"--model-config {spec!r}: expected NAME=DIR")
+        configs[name] = Path(path)
+    result = planner.build_plan(params, root, planner.parse_windows(windows or []), configs)
+    typer.echo(planner.plan_json(result) if as_json else planner.format_plan(result), nl=False)
+
+
 bench_app = typer.Typer(help="Measure throughput on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pipeline.config import IngestConfig, load_dataset_source, load_section
@@ -11,11 +12,13 @@ from pipeline.paths import DatasetPaths
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
+    started = time.perf_counter()
     spec = load_dataset_source(dataset, params)
     ingest = load_section(IngestConfig, "ingest", params)
     paths = DatasetPaths(dataset, root)
     with atomic_output(paths.docs, directory=True) as tmp:
         stats = ingest_documents(dataset, iter_documents(spec, ingest), ingest, tmp)
-    summary = {"dataset": dataset, "source": spec.source, **stats.as_dict()}
+    summary = {"dataset": dataset, "source": spec.source, **stats.as_dict(),
+               "wall_seconds": round(time.perf_counter() - started, 3)}
     write_json(paths.ingest_stats, summary)
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pipeline.config import TokenizeConfig, load_section
@@ -19,6 +20,7 @@ from pipeline.tokenization import (
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
+    started = time.perf_counter()
     cfg = load_section(TokenizeConfig, "tokenize", params)
     paths = DatasetPaths(dataset, root)
     for split in SPLITS:  # fail on a bad input before spending minutes on the tokenizer
@@ -61,5 +63,6 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
                 "tail_tokens_dropped": stats.tail_tokens_dropped,
                 "documents_skipped": dict(stats.skipped),
             }
+    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_json(paths.tokenize_stats, summary)
     return summary
