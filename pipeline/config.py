@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from pipeline.errors import RebmError
+from pipeline.precision import Precision
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -217,9 +218,9 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float = Field(gt=0)
-    # bf16 autocast: on CUDA it is the paper's mixed precision; on CPU it only pays off
-    # where the CPU has bf16 matrix units (measure with `rebm bench train`).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 autocast where the device has bf16 matrix units (CUDA, AVX512-BF16 / AMX
+    # CPUs), else fp32; emulated bf16 is ~150x slower (pipeline.precision, `rebm bench train`).
+    precision: Precision = "auto"
     eval_every: int = Field(gt=0)
     eval_batch_size: int = Field(default=64, gt=0)
     checkpoint_every: int = Field(gt=0)
@@ -384,7 +385,7 @@ class EvaluateConfig(Section):
     n_eval: int | None = Field(default=None, ge=2)
     sample_counts: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
     positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Precision = "auto"
     batch_size: int = Field(default=64, gt=0)
     shard_sequences: int = Field(default=512, gt=0)
     num_workers: int = Field(default=2, ge=0)
@@ -413,7 +414,7 @@ class GenerateConfig(Section):
     windows: int | None = Field(default=None, gt=0)
     shard_windows: int = Field(default=8, gt=0)
     density_bins: int = Field(default=40, ge=5)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Precision = "auto"
     batch_size: int = Field(default=64, gt=0)
     shard_sequences: int = Field(default=512, gt=0)
     num_workers: int = Field(default=2, ge=0)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import RebmError
+from pipeline.precision import autocast
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -54,7 +55,7 @@ def continuation_logprobs(
     try:
         for start in range(0, n, batch_size):
             batch = ids[start : start + batch_size].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(device, precision):
                 logits = model(input_ids=batch, **kwargs).logits
             logits = logits[:, -keep:-1].float()  # predicts positions prefix_len .. T-1
             targets = batch[:, prefix_len:]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.actor_pool import PoolStats, Task, make_pool, model_directory, ship, worker_setup
+from pipeline.precision import autocast
 
 
 class EnergyWorker:
@@ -52,7 +53,7 @@ def score_windows(scorer, windows: np.ndarray, batch_size: int, precision: str =
     try:
         for start in range(0, len(windows), batch_size):
             batch = torch.tensor(windows[start : start + batch_size])  # a copy: arrays from Ray are read-only
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(device, precision):
                 out[start : start + len(batch)] = scorer(batch).double().cpu().numpy()
     finally:
         scorer.model.train(was_training)

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 from pipeline.config import OptimConfig
 from pipeline.io import atomic_output, write_json
+from pipeline.precision import autocast as precision_autocast
 
 LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, int]"]  # (mean loss, tokens in batch)
 EpochBatches = Callable[[int], Sequence[Any]]  # epoch -> that epoch's batches, a pure function
@@ -329,7 +330,7 @@ def run_loop(
         state = TrainState(fingerprint=store.fingerprint)
         torch.manual_seed(seed)  # dropout masks
     best_path = store.best_path
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = precision_autocast(device, cfg.precision)
     lead = replica.rank == 0
     parts = replica.world * cfg.grad_accum
     step_seconds: list[float] = []

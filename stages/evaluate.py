@@ -43,6 +43,7 @@ from pipeline.evaluation import (
 from pipeline.io import ArrayCheckpoint, fingerprint, require_model, write_json, write_text, write_tsv
 from pipeline.negatives import model_digest
 from pipeline.paths import DatasetPaths
+from pipeline.precision import resolve_precision
 from pipeline.training import resolve_device
 
 LM_STAGES = {"base": "train_lm_base", "balm": "train_lm_balm", "ralm": "train_lm_ralm"}
@@ -73,6 +74,7 @@ def run(
     tok = load_section(TokenizeConfig, "tokenize", params)
     neg = load_section(NegativesConfig, "negatives", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})  # auto -> fp32 | bf16
     paths = DatasetPaths(dataset, root)
     p, T = tok.prefix_len, tok.seq_len
     L = T - p

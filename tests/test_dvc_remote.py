@@ -10,25 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import REPO
+from tests.conftest import copy_tiny_project
+from tests.conftest import run_command as run
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["ingest", "tokenize"]
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
 
 def tracked_files(root: Path) -> dict[str, bytes]:
     """Every file of the stages' outputs and metrics under data/, by relative path."""
@@ -54,15 +46,7 @@ def test_push_clone_pull_then_nothing_to_recompute(tmp_path: Path, tiny_brown: P
 
     # -- machine A: run the data stages, push them -------------------------------------------
     work = tmp_path / "a"
-    work.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["datasets"] = {"tiny": {"source": "brown", "categories": ["news", "humor"]}}
-    params["ingest"].update(valid_fraction=0.2, test_fraction=0.2)
-    params["tokenize"].update(vocab_size=300, prefix_len=12, seq_len=16, stride=8)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_tiny_project(work)
     run(["git", "init", "-q"], work, env)
     run(["dvc", "init", "-q"], work, env)
 
