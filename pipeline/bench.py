@@ -174,6 +174,7 @@ def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 
 
     from pipeline.config import OptimConfig
     from pipeline.distributed import cluster_for, training_device
+    from pipeline.precision import resolve_precision
     from pipeline.training import ShuffledBatches, resolve_device, train
 
     if workers < 2:
@@ -233,7 +234,7 @@ def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 
         "variant": variant,
         "batch_size": optim.batch_size,
         "seq_len": seq_len,
-        "precision": optim.precision,
+        "precision": resolve_precision(optim.precision, device),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "timed_steps": steps,
         "baseline": "workers_1",
