@@ -279,9 +279,9 @@ def train(
     """Train `model` (already on `device`) for `cfg.max_steps` steps; returns with the best weights loaded.
 
     `loss_fn(model, batch)` returns (mean loss, number of tokens it covered); it runs under
-    autocast when `cfg.precision == "bf16"`. `evaluate(model)` runs every `cfg.eval_every`
-    steps and at the end, in eval mode. `on_step(step)` is called after each step, after
-    any checkpoint is written (tests use it to simulate a kill).
+    autocast when `cfg.precision` resolves to bf16 (pipeline.precision). `evaluate(model)` runs
+    every `cfg.eval_every` steps and at the end, in eval mode. `on_step(step)` is called after
+    each step, after any checkpoint is written (tests use it to simulate a kill).
 
     With `cfg.workers > 1` this runs on Ray Train (`pipeline.distributed.train_data_parallel`,
     which needs a Ray session opened by the entry point); `device` is then the workers' device
