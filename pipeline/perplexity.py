@@ -52,10 +52,11 @@ def continuation_logprobs(
     was_training = model.training
     model.eval()
     out = np.empty((n, seq_len - prefix_len), dtype=np.float64)
+    amp = autocast(device, precision)
     try:
         for start in range(0, n, batch_size):
             batch = ids[start : start + batch_size].to(device)
-            with autocast(device, precision):
+            with amp:
                 logits = model(input_ids=batch, **kwargs).logits
             logits = logits[:, -keep:-1].float()  # predicts positions prefix_len .. T-1
             targets = batch[:, prefix_len:]

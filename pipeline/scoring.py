@@ -49,11 +49,11 @@ def score_windows(scorer, windows: np.ndarray, batch_size: int, precision: str =
     out = np.empty(len(windows), dtype=np.float64)
     was_training = scorer.model.training
     scorer.model.eval()
-    device = scorer.device
+    amp = autocast(scorer.device, precision)
     try:
         for start in range(0, len(windows), batch_size):
             batch = torch.tensor(windows[start : start + batch_size])  # a copy: arrays from Ray are read-only
-            with autocast(device, precision):
+            with amp:
                 out[start : start + len(batch)] = scorer(batch).double().cpu().numpy()
     finally:
         scorer.model.train(was_training)

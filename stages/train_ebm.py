@@ -64,6 +64,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     lm_tokenizer = load_tokenizer(paths.tokenizer, f"train_ebm.{variant}")
     source = _body_source(variant, cfg, paths)
     body_tokenizer = load_tokenizer(source, f"train_ebm.{variant}")
+    train_device = training_device(cfg.optim, device)  # the Ray Train workers' device above one worker
     torch.manual_seed(seed)
     model = EnergyModel.from_body(AutoModel.from_pretrained(source), "unit" if variant == "unit" else "bit")
     scorer = EnergyScorer(model.to(device), body_tokenizer, lm_tokenizer)
@@ -74,7 +75,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     with cluster_for(cfg.optim):  # a Ray session (RAY_ADDRESS, else local) only above one worker
         result = train_energy(
             scorer, train_data, valid_data, cfg.optim,
-            seed=seed, checkpoint_dir=paths.energy_checkpoint(variant), device=training_device(cfg.optim, device),
+            seed=seed, checkpoint_dir=paths.energy_checkpoint(variant), device=train_device,
             fingerprint=fingerprint(
                 cfg.model_dump(mode="json"), seed, prefix_len, source,
                 file_digest(Path(source) / "config.json"), train_data.windows, train_data.negatives,
@@ -97,9 +98,9 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "train_seconds": round(result.train_seconds, 1),
         "train_sequences_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
         "resumed_from_step": result.resumed_from,
-        "device": str(training_device(cfg.optim, device)),
+        "device": str(train_device),
         "workers": cfg.optim.workers,
-        "precision": resolve_precision(cfg.optim.precision, training_device(cfg.optim, device)),
+        "precision": resolve_precision(cfg.optim.precision, train_device),
     }
     return save_trained_run(
         model, body_tokenizer, result, metrics,
