@@ -18,6 +18,7 @@ from pipeline.io import fingerprint
 from pipeline.lm import count_parameters, load_tokenizer
 from pipeline.mlm import build_mlm, mlm_tokenizer, pretrain_mlm
 from pipeline.paths import DatasetPaths
+from pipeline.precision import resolve_precision
 from pipeline.tokenization import read_window_ids
 from pipeline.training import resolve_device, save_trained_run
 
@@ -34,10 +35,11 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     tokenizer = mlm_tokenizer(load_tokenizer(paths.tokenizer, "pretrain_mlm"))
     torch.manual_seed(seed)
     model = build_mlm(arch, tokenizer, max_positions=train_ids.shape[1]).to(device)
+    train_device = training_device(cfg.optim, device)
     with cluster_for(cfg.optim):  # a Ray session (RAY_ADDRESS, else local) only above one worker
         result = pretrain_mlm(
             model, tokenizer, train_ids, valid_ids, cfg,
-            seed=seed, checkpoint_dir=paths.mlm_checkpoint, device=training_device(cfg.optim, device),
+            seed=seed, checkpoint_dir=paths.mlm_checkpoint, device=train_device,
             fingerprint=fingerprint(cfg.model_dump(mode="json"), arch.model_dump(mode="json"), seed,
                                     train_ids.numpy()),
             desc=f"{dataset}/mlm",
@@ -52,6 +54,7 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
         "train_seconds": round(result.train_seconds, 1),
         "resumed_from_step": result.resumed_from,
         "workers": cfg.optim.workers,
+        "precision": resolve_precision(cfg.optim.precision, train_device),
     }
     return save_trained_run(
         model, tokenizer, result, metrics,

@@ -106,6 +106,7 @@ def test_incomplete_negatives_are_refused(toy: Path, tmp_path: Path) -> None:
 def test_pretrain_mlm_writes_an_encoder_that_shares_the_lm_ids(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = invoke(toy, monkeypatch, "pretrain-mlm", "toy")
     assert metrics["steps"] == 10 and np.isfinite(metrics["valid_mlm_loss"])
+    assert metrics["precision"] in ("fp32", "bf16")  # what autocast ran, never the config's "auto"
     tok = AutoTokenizer.from_pretrained(toy / "models/toy/mlm")
     lm_tok = AutoTokenizer.from_pretrained(toy / "data/toy/tokenizer")
     assert same_token_ids(lm_tok, tok) and tok.mask_token_id >= len(lm_tok) and tok.pad_token_id >= len(lm_tok)
