@@ -374,14 +374,16 @@ class PositionEvalConfig(Section):
 class EvaluateConfig(Section):
     """`evaluate`: Table 1, Figure 1 and Figure 2 (left) on the test windows (stage `evaluate`).
 
-    `n_eval` LM samples per test prefix estimate log Z (null: every test sample the negatives
-    stage stored); `sample_counts` are Figure 2's x-axis. Energies are scored and the extra
+    Everything is computed on `windows` test windows, evenly spaced over the test file (null:
+    all of them). `n_eval` LM samples per test prefix estimate log Z (null: every test sample
+    the negatives stage stored); `sample_counts` are Figure 2's x-axis. Energies are scored and the extra
     LM samples drawn on `num_workers` Ray actors (0: in this process, no Ray), in fixed shards
     of `shard_sequences`, so results do not depend on the worker count.
     """
 
     lms: list[LMVariant] = Field(default_factory=lambda: ["base", "balm", "ralm"], min_length=1)
     energies: list[EnergyVariant] = Field(default_factory=lambda: ["unit", "bit", "bit_star"])
+    windows: int | None = Field(default=None, gt=0)
     n_eval: int | None = Field(default=None, ge=2)
     sample_counts: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
     positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)

@@ -34,6 +34,10 @@ class NCEData:
     def __len__(self) -> int:
         return len(self.window_ids)
 
+    def subset(self, rows: np.ndarray) -> NCEData:
+        """The given rows (windows and their samples), in that order."""
+        return NCEData(self.window_ids[rows], self.windows[rows], self.negatives[rows], self.prefix_len)
+
     def negative_windows(self, rows: np.ndarray, sample_idx: np.ndarray) -> np.ndarray:
         """prefix of each row's real window + its `sample_idx`-th LM continuation: [B, T]."""
         prefixes = self.windows[rows, : self.prefix_len]

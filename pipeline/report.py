@@ -524,12 +524,20 @@ def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
     for d in datasets:
         ev = d.evaluation
         lines.append(
-            f"- **{md_escape(d.name)}**: {ev.get('test_windows', '?')} test windows, "
+            f"- **{md_escape(d.name)}**: {_windows_used(ev)} test windows, "
             f"{ev.get('continuation_tokens', '?')} continuation tokens; joint ranges with log Z from "
             f"n = {ev.get('n_eval', '?')} BASE LM samples per prefix (lower end T_n, upper end U_n, Eq. 4)."
         )
     lines.append("")
     return lines
+
+
+def _windows_used(evaluation: dict) -> str:
+    """'99' when every test window was scored, else '100 of 333 (evenly spaced)'."""
+    used, available = evaluation.get("test_windows", "?"), evaluation.get("test_windows_available")
+    if available is None or available == used:
+        return str(used)
+    return f"{used} of {available} (evenly spaced)"
 
 
 def last_position_lines(datasets: Sequence[DatasetResults]) -> list[str]:

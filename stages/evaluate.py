@@ -81,6 +81,9 @@ def run(
 
     _check_full_distribution(paths)
     data = load_nce_data(paths.windows_split("test"), paths.negatives_split("test"), p)
+    all_windows = len(data)
+    if cfg.windows is not None:
+        data = data.subset(evenly_spaced(cfg.windows, all_windows))
     N, stored = len(data), data.samples_per_prefix
     n_eval = cfg.n_eval or stored
     if n_eval > stored:
@@ -162,6 +165,7 @@ def run(
 
     result = _summarise(dataset, cfg, data, n_eval, counts, tokens, lm_dirs, energy_dirs, lm_logprobs, energies,
                         pos_rows, exact_rows, position_variants, last_lm)
+    result["metrics"]["test_windows_available"] = all_windows  # evaluate.windows may pick a subset
     result["wall_seconds"] = {k: round(v, 1) for k, v in wall.items()}
     result["wall_seconds"]["stage"] = round(time.perf_counter() - started, 1)
     _write_outputs(paths, result)

@@ -160,6 +160,27 @@ def test_ray_actors_give_the_in_process_result(project: Path, result: dict) -> N
         assert exact == pytest.approx(b["positions"][variant]["last_position"]["exact_ppl"], rel=1e-6)
 
 
+def test_a_window_subset_is_scored_as_those_windows_alone(project: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.ebm_data import load_nce_data
+    from pipeline.evaluation import evenly_spaced
+    from pipeline.lm import load_lm
+    from pipeline.paths import DatasetPaths
+    from pipeline.perplexity import continuation_logprobs
+
+    copy_root = tmp_path / "project"
+    shutil.copytree(project, copy_root)  # the module's outputs stay those of the full run
+    subset = evaluate(copy_root, evaluate__windows=3)
+    assert subset["test_windows"] == 3 < N_TEST == subset["test_windows_available"]
+    assert subset["continuation_tokens"] == 3 * (SEQ - PREFIX)
+
+    paths, cpu = DatasetPaths("toy", copy_root), torch.device("cpu")
+    data = load_nce_data(paths.windows_split("test"), paths.negatives_split("test"), PREFIX)
+    logprobs = continuation_logprobs(load_lm(paths.lm("base"), cpu), data.windows[evenly_spaced(3, N_TEST)], PREFIX, 8, cpu)
+    assert subset["perplexity"]["base"]["ppl"] == pytest.approx(math.exp(-logprobs.sum() / logprobs.size), abs=1e-3)
+
+
 def test_bad_settings_name_the_key_or_file(project: Path) -> None:
     with pytest.raises(RebmError, match=r"evaluate.n_eval=9 .* negatives.samples.toy.test"):
         evaluate(project, evaluate__n_eval=9)
