@@ -376,9 +376,9 @@ class EvaluateConfig(Section):
 
     Everything is computed on `windows` test windows, evenly spaced over the test file (null:
     all of them). `n_eval` LM samples per test prefix estimate log Z (null: every test sample
-    the negatives stage stored); `sample_counts` are Figure 2's x-axis. Energies are scored and the extra
-    LM samples drawn on `num_workers` Ray actors (0: in this process, no Ray), in fixed shards
-    of `shard_sequences`, so results do not depend on the worker count.
+    the negatives stage stored); `sample_counts` are Figure 2's x-axis. Energies are scored
+    and the extra LM samples drawn on `num_workers` Ray actors (0: in this process, no Ray),
+    in fixed shards of `shard_sequences`, so results do not depend on the worker count.
     """
 
     lms: list[LMVariant] = Field(default_factory=lambda: ["base", "balm", "ralm"], min_length=1)

@@ -581,13 +581,14 @@ def dataset_rows(
     # -- evaluate --------------------------------------------------------------------------
     n_test = neg.samples.get(ds, {}).get("test")
     n_eval = ev.n_eval or n_test
+    te_eval = None if te is None else min(ev.windows, te) if ev.windows else te  # evaluate.windows
     pos_energies = [e for e in ev.positions.energies if e in ev.energies]
-    W = None if te is None else min(ev.positions.windows, te) if pos_energies else 0
+    W = None if te_eval is None else min(ev.positions.windows, te_eval) if pos_energies else 0
     exact = None if W is None else min(ev.positions.exact_last_windows, W)
     s = ev.positions.samples
     lm_names = {"base": "base LM", "balm": "BALM", "ralm": "RALM (base + phi)"}
     for lm in ev.lms:
-        row("evaluate", f"LM log-probs {lm}", lm_names[lm], sizes[lm], te, _mul(te, T), "forward")
+        row("evaluate", f"LM log-probs {lm}", lm_names[lm], sizes[lm], te_eval, _mul(te_eval, T), "forward")
     if W:
         new = _mul(W, s, L * (L + 1) // 2)
         prefix = _mul(W, L * p + L * (L - 1) // 2)
@@ -597,14 +598,14 @@ def dataset_rows(
         row("evaluate", f"Fig. 1 exact last position ({exact} windows)", "base LM", sizes["base"], exact,
             _mul(exact, T - 1), "forward")
     for energy in ev.energies:
-        seqs = _mul(te, _add(1, n_eval))
+        seqs = _mul(te_eval, _add(1, n_eval))
         part = f"energies {energy}: real + {_fmt(n_eval)} samples/prefix"
         if energy in pos_energies and W:
             seqs = _add(seqs, W * L * s, _mul(exact, vocab))
             part += " + Fig. 1"
         row("evaluate", part, names[energy], sizes[energy], seqs, _mul(seqs, T), "forward")
-    if te is not None and n_eval is not None:
-        held = te * n_eval + (W or 0) * L * s + (exact or 0) * (vocab or 0)
+    if te_eval is not None and n_eval is not None:
+        held = te_eval * n_eval + (W or 0) * L * s + (exact or 0) * (vocab or 0)
         notes.append(f"evaluate holds every scored sequence in memory at once: {held:,} x T int64 ≈ "
                      f"{held * T * 8 / 1e9:,.1f} GB per energy model (plus the stored test negatives)")
 

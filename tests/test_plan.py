@@ -147,6 +147,18 @@ def test_default_params_use_matching_tokenize_stats(tmp_path: Path) -> None:
     # fiction's sizes are unknown, so every total that includes them is a lower bound.
     assert set(plan["total"]["unknown"]) == {"sequences", "tokens", "flops"}
 
+    # evaluate.windows scores a subset of the test windows; generate keeps its own count
+    raw["evaluate"]["windows"] = 5
+    subset = tmp_path / "params-subset.yaml"
+    subset.write_text(yaml.safe_dump(raw))
+    result = invoke(str(subset), "--root", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    rows = rows_by(json.loads(result.output), "news")
+    energy = next(r for (stage, part), r in rows.items() if stage == "evaluate" and part.startswith("energies unit"))
+    assert energy["sequences"] == 5 * (1 + n_eval)
+    assert rows[("evaluate", "LM log-probs base")]["sequences"] == 5
+    assert rows[("generate", "gold log-probs")]["sequences"] == min(raw["generate"]["windows"] or 12, 12)
+
 
 def test_broken_params_report_every_bad_key(tmp_path: Path) -> None:
     raw = yaml.safe_load(PAPER.read_text())
