@@ -6,13 +6,14 @@ An actor that dies is restarted by Ray (`max_restarts`) and the tasks it held ar
 by the driver, so every task's result reaches `on_done` exactly once whatever fails.
 
 Models travel as the bytes of their saved directory through the object store, so a cluster
-needs no shared filesystem. `ray.init` is never called here: the entry point opens a
-`pipeline.negatives.ray_session`.
+needs no shared filesystem. Pools never call `ray.init`: the entry point opens a
+`ray_session` (below), the one place a stage or training run attaches to Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
@@ -21,6 +22,33 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RebmError
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[dict]:
+    """Attach to the cluster at `address` (or $RAY_ADDRESS), else start a local Ray with num_cpus.
+
+    Only entry points call this. Worker processes import `pipeline` from the package shipped
+    with the job (runtime_env py_modules), so a remote node needs no copy of the repository.
+    """
+    import ray
+
+    import pipeline
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        yield {"address": "existing", "cpus": ray.cluster_resources().get("CPU", 0)}
+        return
+    runtime_env = {"py_modules": [pipeline], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, logging_level="ERROR", log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    try:
+        yield {"address": address or "local", "cpus": ray.cluster_resources().get("CPU", 0)}
+    finally:
+        ray.shutdown()
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ def run_bench(
 
 def _bench_ray(model, prefixes: np.ndarray, ids: np.ndarray, n: int, new_tokens: int, shard_windows: int) -> dict:
     """The negatives pipeline on `len(ids)` windows with 1 then 2 single-CPU workers."""
-    from pipeline.negatives import SplitInput, generate_negatives, ray_session
+    from pipeline.actor_pool import ray_session
+    from pipeline.negatives import SplitInput, generate_negatives
 
     out: dict = {"windows": int(len(ids))}
     with tempfile.TemporaryDirectory(prefix="rebm-bench-") as tmp, ray_session(num_cpus=2):

@@ -2,7 +2,7 @@
 
 `pipeline.training.train` hands a run here when its `OptimConfig.workers` is above 1. A
 `ray.train.torch.TorchTrainer` starts that many workers on the Ray cluster the entry point
-attached to (`pipeline.negatives.ray_session`: $RAY_ADDRESS, else a local Ray); Ray Train
+attached to (`pipeline.actor_pool.ray_session`: $RAY_ADDRESS, else a local Ray); Ray Train
 sets up the torch.distributed process group (gloo on CPU workers, NCCL with `use_gpu`). Each
 worker runs the unchanged loop (`run_loop`) as one replica:
 
@@ -89,7 +89,7 @@ def cluster_for(cfg: OptimConfig, address: str | None = None) -> Iterator[dict |
     if cfg.workers == 1:
         yield None
         return
-    from pipeline.negatives import ray_session
+    from pipeline.actor_pool import ray_session
 
     with ray_session(address, num_cpus=max(cfg.workers * cfg.cpus_per_worker, os.cpu_count() or 1)) as session:
         yield session
@@ -157,7 +157,7 @@ def train_data_parallel(
 
     if not ray.is_initialized():
         raise RebmError(f"{desc}: {cfg.workers} workers need a Ray session; the entry point opens one "
-                        "(pipeline.distributed.cluster_for or pipeline.negatives.ray_session)")
+                        "(pipeline.distributed.cluster_for or pipeline.actor_pool.ray_session)")
     home = next(model.parameters()).device
     model.to("cpu")  # shipped to the workers with the closures, in one pickle
     job = _Job(model, loss_fn, batches, evaluate, cfg, seed, torch.device(device), fingerprint, desc, on_step)

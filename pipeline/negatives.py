@@ -13,19 +13,18 @@ Actors hold the model, shipped as the model directory's bytes through the object
 cluster needs no shared filesystem. An actor that dies is restarted by Ray (`max_restarts`)
 and the shards it held are resubmitted by the driver, so the output has exactly n rows per
 window whatever fails. `ray.init` is never called here: the entry point (stage, CLI, bench)
-opens a `ray_session`.
+opens a `pipeline.actor_pool.ray_session`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -220,33 +219,6 @@ def read_negatives(split_dir: Path) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- Ray
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[dict]:
-    """Attach to the cluster at `address` (or $RAY_ADDRESS), else start a local Ray with num_cpus.
-
-    Only entry points call this. Worker processes import `pipeline` from the package shipped
-    with the job (runtime_env py_modules), so a remote node needs no copy of the repository.
-    """
-    import ray
-
-    import pipeline
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if ray.is_initialized():
-        yield {"address": "existing", "cpus": ray.cluster_resources().get("CPU", 0)}
-        return
-    runtime_env = {"py_modules": [pipeline], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, logging_level="ERROR", log_to_driver=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    try:
-        yield {"address": address or "local", "cpus": ray.cluster_resources().get("CPU", 0)}
-    finally:
-        ray.shutdown()
-
-
 class SamplerWorker:
     """A Ray actor holding the LM and a Sampler; `sample` computes one shard."""
 
@@ -332,7 +304,7 @@ def run_sample_jobs(
 
     The evaluate and generate stages' samples: on_done(job, {"tokens", "token_logprobs",
     "logprob"}) is called on the driver once per job. Ray must be initialised when
-    num_workers > 0 (see `ray_session`).
+    num_workers > 0 (see `pipeline.actor_pool.ray_session`).
     """
     import torch
     from tqdm import tqdm
@@ -386,7 +358,7 @@ def generate_negatives(
 ) -> dict:
     """Sample every split's windows into `out_dir/<split>/shard-*.parquet`; returns stats.
 
-    Ray must already be initialised (see `ray_session`). Valid existing shards are kept;
+    Ray must already be initialised (see `pipeline.actor_pool.ray_session`). Valid existing shards are kept;
     everything else under out_dir (stale shards, other splits, temp files) is removed.
     """
     from tqdm import tqdm

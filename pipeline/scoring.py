@@ -75,7 +75,7 @@ def score_energies(
 ) -> np.ndarray:
     """E of every row of `windows` [N, T], sharded over `num_workers` actors (0: this process).
 
-    Ray must already be initialised when num_workers > 0 (see `pipeline.negatives.ray_session`).
+    Ray must already be initialised when num_workers > 0 (see `pipeline.actor_pool.ray_session`).
     """
     windows = np.ascontiguousarray(windows, dtype=np.int64)
     local = num_workers == 0

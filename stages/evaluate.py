@@ -163,9 +163,8 @@ def run(
             energies[variant] = cached
             wall[f"energies_{variant}"] = time.perf_counter() - t0
 
-    result = _summarise(dataset, cfg, data, n_eval, counts, tokens, lm_dirs, energy_dirs, lm_logprobs, energies,
-                        pos_rows, exact_rows, position_variants, last_lm)
-    result["metrics"]["test_windows_available"] = all_windows  # evaluate.windows may pick a subset
+    result = _summarise(dataset, cfg, data, all_windows, n_eval, counts, tokens, lm_dirs, energy_dirs, lm_logprobs,
+                        energies, pos_rows, exact_rows, position_variants, last_lm)
     result["wall_seconds"] = {k: round(v, 1) for k, v in wall.items()}
     result["wall_seconds"]["stage"] = round(time.perf_counter() - started, 1)
     _write_outputs(paths, result)
@@ -176,7 +175,7 @@ def run(
 def _ray(needed: bool, address: str | None, num_cpus: int):
     if not needed:
         return contextlib.nullcontext()
-    from pipeline.negatives import ray_session
+    from pipeline.actor_pool import ray_session
 
     return ray_session(address, num_cpus=num_cpus)
 
@@ -247,8 +246,8 @@ def _score_variant(energy_dir: Path, tokenizer_dir: Path, data, n_eval: int, pos
     return out
 
 
-def _summarise(dataset, cfg, data, n_eval, counts, tokens, lm_dirs, energy_dirs, lm_logprobs, energies,
-               pos_rows, exact_rows, position_variants, last_lm) -> dict:
+def _summarise(dataset, cfg, data, available_windows, n_eval, counts, tokens, lm_dirs, energy_dirs, lm_logprobs,
+               energies, pos_rows, exact_rows, position_variants, last_lm) -> dict:
     N = len(data)
     base_seq = lm_logprobs["base"].sum(axis=1)
     base_ppl = float(np.exp(-base_seq.sum() / tokens))
@@ -335,6 +334,7 @@ def _summarise(dataset, cfg, data, n_eval, counts, tokens, lm_dirs, energy_dirs,
     metrics = {
         "dataset": dataset,
         "test_windows": N,
+        "test_windows_available": available_windows,  # N is evaluate.windows of them, evenly spaced
         "continuation_tokens": tokens,
         "n_eval": n_eval,
         "perplexity": metrics_lm,

@@ -77,7 +77,7 @@ def run(
 
     ray = contextlib.nullcontext()
     if cfg.num_workers > 0:
-        from pipeline.negatives import ray_session
+        from pipeline.actor_pool import ray_session
 
         ray = ray_session(ray_address, num_cpus=cfg.num_workers * cfg.cpus_per_worker)
     with ray:

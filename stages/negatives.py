@@ -33,7 +33,8 @@ def run(
     model_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    from pipeline.negatives import SplitInput, generate_negatives, ray_session
+    from pipeline.actor_pool import ray_session
+    from pipeline.negatives import SplitInput, generate_negatives
 
     cfg = load_section(NegativesConfig, "negatives", params)
     tok = load_section(TokenizeConfig, "tokenize", params)

@@ -105,7 +105,7 @@ def ray_cluster():
     by default) and the loop waits for that at each checkpoint; polling every 0.5 s keeps
     these tiny runs short without changing what is tested.
     """
-    from pipeline.negatives import ray_session
+    from pipeline.actor_pool import ray_session
 
     saved = {key: os.environ.pop(key, None) for key in ("RAY_ADDRESS", HEALTH_CHECK)}
     os.environ[HEALTH_CHECK] = "0.5"

@@ -21,11 +21,11 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from pipeline.actor_pool import ray_session
 from pipeline.negatives import (
     NEGATIVES_SCHEMA,
     SplitInput,
     generate_negatives,
-    ray_session,
     read_negatives,
 )
 from pipeline.sampling import full_forward_logprobs
