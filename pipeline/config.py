@@ -354,42 +354,70 @@ EnergyVariant = Literal["unit", "bit", "bit_star"]
 class PositionEvalConfig(Section):
     """`evaluate.positions`: per-position perplexity by Eq. 5 (Figure 1).
 
-    Each of `windows` test windows (evenly spaced over the test file) gets `samples` LM
+    Each of `windows` test windows (evenly spaced over Table 1's windows) gets `samples` LM
     continuations from every position t = p+1..T; the last position is also computed exactly
-    on the first `exact_last_windows` of them, which costs |V| energy evaluations per window.
+    on the first `exact_last_windows` of them, which costs |V| energy evaluations per window
+    (an int for every dataset, or {dataset: count}; a dataset not named gets 0).
     """
 
     energies: list[EnergyVariant] = Field(default_factory=lambda: ["bit_star"])
-    windows: int = Field(default=8, ge=0)
+    windows: int = Field(default=2, ge=0)
     samples: int = Field(default=16, ge=2)
-    exact_last_windows: int = Field(default=2, ge=0)
+    exact_last_windows: int | dict[str, Annotated[int, Field(ge=0)]] = 0
+
+    def exact_last_for(self, dataset: str) -> int:
+        if isinstance(self.exact_last_windows, int):
+            return self.exact_last_windows
+        return self.exact_last_windows.get(dataset, 0)
 
     @model_validator(mode="after")
     def _exact_subset(self) -> PositionEvalConfig:
-        if self.exact_last_windows > self.windows:
+        counts = ([self.exact_last_windows] if isinstance(self.exact_last_windows, int)
+                  else list(self.exact_last_windows.values()))
+        if any(c < 0 for c in counts):
+            raise ValueError("exact_last_windows: must be ≥ 0")
+        if any(c > self.windows for c in counts):
             raise ValueError("exact_last_windows: must not exceed positions.windows (it is a subset of them)")
         return self
+
+
+class ConvergenceConfig(Section):
+    """`evaluate.convergence`: the rule that calls a log Z estimate converged (pipeline/convergence.py)."""
+
+    epsilon: float = Field(default=0.2, gt=0)  # nats of mean log Z; exp(ε / (T − p)) in per-token perplexity
+    min_samples: int = Field(default=64, ge=2)
+
+
+class BootstrapConfig(Section):
+    """`evaluate.bootstrap`: the paired bootstrap over test windows of each row's ratio to BASE LM."""
+
+    resamples: int = Field(default=2000, ge=100)
+    level: float = Field(default=0.95, gt=0, lt=1)
 
 
 class EvaluateConfig(Section):
     """`evaluate`: Table 1, Figure 1 and Figure 2 (left) on the test windows (stage `evaluate`).
 
     Everything is computed on `windows` test windows, evenly spaced over the test file (null:
-    all of them). `n_eval` LM samples per test prefix estimate log Z (null: every test sample
-    the negatives stage stored); `sample_counts` are Figure 2's x-axis. Energies are scored
-    and the extra LM samples drawn on `num_workers` Ray actors (0: in this process, no Ray),
-    in fixed shards of `shard_sequences`, so results do not depend on the worker count.
+    all of them). log Z of each prefix comes from `n_eval[energy]` full-distribution samples of
+    the base LM that this stage draws (one set, nested: an energy with a smaller n uses the
+    first n); Figure 2 (left) doubles n from 2 to that n, and `convergence` turns the last
+    doubling into a verdict. Energies are scored and the LM samples drawn on `num_workers` Ray
+    actors (0: in this process, no Ray), in fixed shards of `shard_sequences`, so results do
+    not depend on the worker count.
     """
 
     lms: list[LMVariant] = Field(default_factory=lambda: ["base", "balm", "ralm"], min_length=1)
     energies: list[EnergyVariant] = Field(default_factory=lambda: ["unit", "bit", "bit_star"])
-    windows: int | None = Field(default=None, gt=0)
-    n_eval: int | None = Field(default=None, ge=2)
-    sample_counts: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
+    windows: int | None = Field(default=8, gt=0)
+    n_eval: dict[EnergyVariant, Annotated[int, Field(ge=2)]] = Field(
+        default_factory=lambda: {"unit": 64, "bit": 64, "bit_star": 512})
+    convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
     precision: Precision = "auto"
     batch_size: int = Field(default=64, gt=0)
-    shard_sequences: int = Field(default=512, gt=0)
+    shard_sequences: int = Field(default=256, gt=0)
     num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
 
@@ -397,7 +425,18 @@ class EvaluateConfig(Section):
     def _base_lm_scored(self) -> EvaluateConfig:
         if "base" not in self.lms:
             raise ValueError("lms: must include base (the joint models and the per-position gains are relative to it)")
+        missing = [e for e in self.energies if e not in self.n_eval]
+        if missing:
+            raise ValueError(f"n_eval: no sample count for {missing} (one per entry of evaluate.energies)")
+        stray = sorted(set(self.positions.energies) - set(self.energies))
+        if stray:
+            raise ValueError(f"positions.energies: {stray} not in evaluate.energies")
         return self
+
+    @property
+    def log_z_samples(self) -> int:
+        """LM samples drawn per test prefix: the largest n any scored energy uses."""
+        return max((self.n_eval[e] for e in self.energies), default=0)
 
 
 # --------------------------------------------------------------------------- generation

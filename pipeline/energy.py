@@ -107,7 +107,9 @@ class EnergyScorer:
     """Scores LM token windows with an energy model, bridging tokenizers when they differ.
 
     When the energy body's tokenizer is the LM's (same ids for every LM token) windows go in
-    as ids; otherwise they are detokenised and re-encoded (the BIT* rows, e.g. MiniLM).
+    as ids; otherwise they are detokenised and re-encoded (the BIT* rows, e.g. MiniLM), with
+    line breaks and the end-of-document token mapped to markers the body's tokenizer keeps
+    (`WhitespaceMarkers`), so that two windows differing only in layout score differently.
     """
 
     def __init__(self, model: EnergyModel, tokenizer: PreTrainedTokenizerBase, lm_tokenizer: PreTrainedTokenizerBase,
@@ -116,6 +118,7 @@ class EnergyScorer:
         self.tokenizer = tokenizer
         self.lm_tokenizer = lm_tokenizer
         self.shares_vocab = same_token_ids(lm_tokenizer, tokenizer)
+        self.markers = None if self.shares_vocab else WhitespaceMarkers.for_tokenizer(tokenizer)
         limit = getattr(model.body.config, "max_position_embeddings", None) or 512
         self.max_length = min(max_length or limit, limit)
 
@@ -123,19 +126,85 @@ class EnergyScorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def texts(self, lm_ids: torch.Tensor | list[list[int]]) -> list[str]:
+        """The energy body's input text for each LM window (only when the vocabularies differ)."""
+        ids = lm_ids.tolist() if isinstance(lm_ids, torch.Tensor) else lm_ids
+        texts = self.lm_tokenizer.batch_decode(ids, skip_special_tokens=False)
+        return [self.markers.apply(t, self.lm_tokenizer.eos_token) for t in texts]
+
+    def input_ids(self, lm_ids: torch.Tensor | list[list[int]]) -> list[list[int]]:
+        """The body's token ids for each LM window, unpadded (what `encode` pads into a batch)."""
+        if self.shares_vocab:
+            return [list(row) for row in (lm_ids.tolist() if isinstance(lm_ids, torch.Tensor) else lm_ids)]
+        return self.tokenizer(self.texts(lm_ids), truncation=True, max_length=self.max_length,
+                              return_token_type_ids=False)["input_ids"]
+
+    def pad(self, input_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """A batch of body token ids, right-padded, with its attention mask, on the model's device."""
+        width = max(len(row) for row in input_ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for i, row in enumerate(input_ids):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
     def encode(self, lm_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.shares_vocab:
             return {"input_ids": lm_ids.to(self.device), "attention_mask": torch.ones_like(lm_ids, device=self.device)}
-        texts = self.lm_tokenizer.batch_decode(lm_ids.tolist(), skip_special_tokens=False)
-        texts = [t.replace(self.lm_tokenizer.eos_token or "\0", "\n") for t in texts]
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt", return_token_type_ids=False,
-        )
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+        return self.pad(self.input_ids(lm_ids))
 
     def __call__(self, lm_ids: torch.Tensor) -> torch.Tensor:
         return self.model(**self.encode(lm_ids))
+
+
+class WhitespaceMarkers:
+    """What line breaks and the LM's end-of-document token become in an energy body's input text.
+
+    An uncased WordPiece tokenizer (MiniLM, BERT) treats "\\n" as a space, so "it,.\\n\\n\\nThe"
+    and "it,. The" would get the same energy, and Algorithm 1 could not see layout at all (it then
+    preferred newline-heavy samples). A body tokenizer that keeps line breaks (byte-level BPE:
+    RoBERTa, GPT-2) gets them unchanged. The end of a document becomes the body's separator token.
+    """
+
+    NEWLINE_CANDIDATES = ("\u00b6", "|")  # pilcrow first: in BERT's uncased vocabulary, rare in prose
+
+    def __init__(self, newline: str, end_of_document: str):
+        self.newline = newline
+        self.end_of_document = end_of_document
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> WhitespaceMarkers:
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        newline = "\n"
+        if ids("a\nb") == ids("a b"):
+            usable = [m for m in cls.NEWLINE_CANDIDATES
+                      if len(ids(m)) == 1 and ids(m)[0] != tokenizer.unk_token_id]
+            if not usable:
+                raise RebmError(f"{tokenizer.name_or_path}: the energy tokenizer drops line breaks and encodes none of "
+                                f"{cls.NEWLINE_CANDIDATES} as one known token; no marker to keep them")
+            newline = f" {usable[0]} "
+        end = tokenizer.sep_token or tokenizer.eos_token
+        return cls(newline, f" {end} " if end else newline + newline)
+
+    def apply(self, text: str, lm_end_of_document: str | None) -> str:
+        if lm_end_of_document:
+            text = text.replace(lm_end_of_document, "\0")  # the LM's token may itself contain a newline
+        return text.replace("\n", self.newline).replace("\0", self.end_of_document)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"newline": self.newline, "end_of_document": self.end_of_document}
+
+
+def input_markers(energy_dir: str | Path, lm_tokenizer_dir: str | Path) -> dict[str, str] | None:
+    """What a saved energy's scorer turns line breaks and end-of-document into (None: ids in)."""
+    tokenizer = AutoTokenizer.from_pretrained(energy_dir)
+    if same_token_ids(AutoTokenizer.from_pretrained(lm_tokenizer_dir), tokenizer):
+        return None
+    return WhitespaceMarkers.for_tokenizer(tokenizer).as_dict()
 
 
 def same_token_ids(lm_tokenizer: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase) -> bool:

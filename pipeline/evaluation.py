@@ -46,6 +46,12 @@ def position_seed(seed: int, start: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def log_z_seed(seed: int) -> int:
+    """Seed of the LM samples that estimate log Z of every test prefix (Table 1, Figure 2 left)."""
+    digest = hashlib.sha256(f"rebm/evaluate/log_z/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def completed_windows(windows: np.ndarray, start: int, continuations: np.ndarray) -> np.ndarray:
     """x_{<start} of each window followed by each of its n sampled completions: [W, n, T]."""
     W, n, _ = continuations.shape
@@ -136,26 +142,3 @@ def count_saved_parameters(model_dir: Path) -> int:
 
 def format_parameters(count: int) -> str:
     return f"{count / 1e6:.2f}M"
-
-
-def table1_markdown(dataset: str, rows: list[dict], tokens: int, windows: int, n_eval: int) -> str:
-    """Table 1 for one dataset: exact perplexity for LMs, [low–high] ranges for joint models."""
-    lines = [
-        f"### Table 1 — {dataset} (test: {windows} windows, {tokens} continuation tokens)",
-        "",
-        "| model | parameters | test perplexity | vs BASE LM |",
-        "|---|---|---|---|",
-    ]
-    for row in rows:
-        ppl = f"{row['ppl']:.2f}" if "ppl" in row else f"{row['ppl_low']:.2f}–{row['ppl_high']:.2f}"
-        delta = row.get("vs_base_pct")
-        vs = "—" if delta is None else (f"{delta:+.2f}%" if not isinstance(delta, list) else
-                                         f"{delta[0]:+.2f}% … {delta[1]:+.2f}%")
-        lines.append(f"| {row['name']} | {row['parameters']} | {ppl} | {vs} |")
-    lines += [
-        "",
-        f"Joint ranges: log Z from {n_eval} samples of the base LM per prefix (full distribution), "
-        "lower end with T_n, upper end with U_n (Eq. 4). Perplexity is per continuation token.",
-        "",
-    ]
-    return "\n".join(lines)

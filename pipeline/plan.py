@@ -3,7 +3,7 @@
 Two pure steps, both without touching a model hub or allocating a model:
 
 * `validate_params(path)` checks every section with its model in `pipeline.config` (and a few
-  rules that only show across sections, e.g. evaluate.n_eval against the stored test samples),
+  rules that only show across sections, e.g. an LM's n_positions against tokenize.seq_len),
   collecting ALL errors, each as `<file>: <section.key>: <message>`.
 * `build_plan(path, ...)` counts, per dataset and stage, the sequences and tokens processed and
   the approximate FLOPs:
@@ -39,6 +39,7 @@ from pipeline import config as C
 from pipeline.errors import RebmError
 
 SPLITS = ("train", "valid", "test")
+NEGATIVE_SPLITS = ("train", "valid")  # evaluate draws its own test samples (evaluate.n_eval)
 FORMULAS = {
     "train": "6·N·tokens",
     "forward": "2·N·tokens",
@@ -187,7 +188,7 @@ def validate_params(path: Path) -> Validated:
 
 def _cross_checks(v: Validated) -> None:
     """Rules that span sections: what a stage would otherwise only find out after hours of work."""
-    tok, neg, ev = v.sections.get("tokenize"), v.sections.get("negatives"), v.sections.get("evaluate")
+    tok, neg = v.sections.get("tokenize"), v.sections.get("negatives")
     lms = v.sections.get("train_lm") or {}
     raw_tok = v.raw.get("tokenize")
     seq_len = tok.seq_len if tok is not None else raw_tok.get("seq_len") if isinstance(raw_tok, dict) else None
@@ -199,24 +200,16 @@ def _cross_checks(v: Validated) -> None:
                         f"{arch.n_positions} positions cannot hold a window of tokenize.seq_len={seq_len}")
     if neg is not None:
         if neg.top_k:
-            v.error("negatives.top_k", f"{neg.top_k}: evaluate needs test samples from the full LM distribution "
-                    "(top_k: 0) for the partition-function bounds")
+            v.error("negatives.top_k", f"{neg.top_k}: conditional NCE needs samples from the full LM distribution "
+                    "(top_k: 0): with top-k noise the energy would not correct P_LM (Eq. 3)")
         for ds in v.datasets:
             per_split = neg.samples.get(ds)
             if per_split is None:
                 v.error(f"negatives.samples.{ds}", f"missing (n per split for dataset '{ds}')")
                 continue
-            for split in SPLITS:
+            for split in NEGATIVE_SPLITS:
                 if split not in per_split:
-                    user = "evaluate" if split == "test" else "train_ebm"
-                    v.error(f"negatives.samples.{ds}.{split}", f"missing ({user} reads the {split} samples)")
-            if ev is not None and ev.n_eval is not None and "test" in per_split and ev.n_eval > per_split["test"]:
-                v.error("evaluate.n_eval", f"{ev.n_eval} exceeds the {per_split['test']} test samples per prefix "
-                        f"stored for '{ds}' (negatives.samples.{ds}.test)")
-    if ev is not None:
-        missing = sorted(set(ev.positions.energies) - set(ev.energies))
-        if missing:
-            v.error("evaluate.positions.energies", f"{missing} not in evaluate.energies")
+                    v.error(f"negatives.samples.{ds}.{split}", f"missing (train_ebm reads the {split} samples)")
 
 
 # --------------------------------------------------------------------------- model sizes
@@ -579,16 +572,18 @@ def dataset_rows(
         row(stage, f"validation x{_evals(o)} + final", names[variant], sizes[variant], vseqs, _mul(vseqs, T), "forward")
 
     # -- evaluate --------------------------------------------------------------------------
-    n_test = neg.samples.get(ds, {}).get("test")
-    n_eval = ev.n_eval or n_test
+    n_draw = ev.log_z_samples
     te_eval = None if te is None else min(ev.windows, te) if ev.windows else te  # evaluate.windows
-    pos_energies = [e for e in ev.positions.energies if e in ev.energies]
-    W = None if te_eval is None else min(ev.positions.windows, te_eval) if pos_energies else 0
-    exact = None if W is None else min(ev.positions.exact_last_windows, W)
+    W = None if te_eval is None else min(ev.positions.windows, te_eval) if ev.positions.energies else 0
+    exact = None if W is None else min(ev.positions.exact_last_for(ds), W)
     s = ev.positions.samples
     lm_names = {"base": "base LM", "balm": "BALM", "ralm": "RALM (base + phi)"}
     for lm in ev.lms:
         row("evaluate", f"LM log-probs {lm}", lm_names[lm], sizes[lm], te_eval, _mul(te_eval, T), "forward")
+    new, prefix = _mul(te_eval, n_draw, L), _mul(te_eval, p)
+    rows.append(Row(ds, "evaluate", f"log Z samples (n={n_draw:,} per prefix)", "base LM", sizes["base"].flop,
+                    _mul(te_eval, n_draw), new, _mul(2, sizes["base"].flop, _add(new, prefix)), FORMULAS["sample"],
+                    f"+ {_fmt(prefix)} prefix tokens" if prefix is not None else ""))
     if W:
         new = _mul(W, s, L * (L + 1) // 2)
         prefix = _mul(W, L * p + L * (L - 1) // 2)
@@ -598,16 +593,17 @@ def dataset_rows(
         row("evaluate", f"Fig. 1 exact last position ({exact} windows)", "base LM", sizes["base"], exact,
             _mul(exact, T - 1), "forward")
     for energy in ev.energies:
+        n_eval = ev.n_eval[energy]
         seqs = _mul(te_eval, _add(1, n_eval))
         part = f"energies {energy}: real + {_fmt(n_eval)} samples/prefix"
-        if energy in pos_energies and W:
+        if energy in ev.positions.energies and W:
             seqs = _add(seqs, W * L * s, _mul(exact, vocab))
             part += " + Fig. 1"
         row("evaluate", part, names[energy], sizes[energy], seqs, _mul(seqs, T), "forward")
-    if te_eval is not None and n_eval is not None:
-        held = te_eval * n_eval + (W or 0) * L * s + (exact or 0) * (vocab or 0)
+    if te_eval is not None:
+        held = te_eval * n_draw + (W or 0) * L * s + (exact or 0) * (vocab or 0)
         notes.append(f"evaluate holds every scored sequence in memory at once: {held:,} x T int64 ≈ "
-                     f"{held * T * 8 / 1e9:,.1f} GB per energy model (plus the stored test negatives)")
+                     f"{held * T * 8 / 1e9:,.1f} GB per energy model")
 
     # -- generate --------------------------------------------------------------------------
     Wg = None if te is None else min(gen.windows, te) if gen.windows else te

@@ -2,13 +2,18 @@
 
 What it shows, for every dataset under `datasets:` in params.yaml:
 
-* Table 1: test perplexity of every LM (exact) and joint model (the [T_n, U_n] range of Eq. 4),
-  the datasets side by side, and the last-position check of Figure 1 (estimate vs exact);
+* Table 1: test perplexity of every LM (exact) and joint model (the [T_n, U_n] range of Eq. 4,
+  with whether its log Z estimate converged), the datasets side by side; the reference points
+  beside it (bootstrap intervals of the ratio to BASE LM, the self-normalised perplexity) and
+  the last-position check of Figure 1 (estimate vs exact);
+* the paper's claims, each checked on these numbers (pipeline.claims);
 * Figure 1 (per-position gain over BASE LM, Eq. 5), Figure 2 left (the range against the
   number of samples) and right (unique n-grams), Figure 3 (log-likelihood densities under the
   base LM and under the joint model), drawn with matplotlib (Agg) as PNG;
-* the §4.3 sample statistics, example generations in the layout of Tables 5–6, Table 2 when
-  a votes file exists (else how to make one), every stage's wall time and the provenance.
+* the §4.3 sample statistics (and, when results/<ds>/generation/baseline_metrics.json exists,
+  how they moved from that earlier run), example generations in the layout of Tables 5–6,
+  Table 2 when a votes file exists (else how to make one), every stage's wall time and the
+  provenance (the working tree is dirty only for code and params, not for pipeline outputs).
 
 Three steps, each pure apart from reading files: `collect` gathers the stages' outputs into a
 `ReportInputs`, `make_figures` draws the PNGs, `render_markdown` / `render_html` write the
@@ -35,6 +40,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from pipeline.claims import (
+    NOT_CONVERGED,
+    VERDICTS,
+    check_claims,
+    ci_level,
+    ci_text,
+    convergence_verdict,
+    exact_vs_range,
+    not_converged_why,
+)
 from pipeline.config import read_params
 from pipeline.errors import RebmError
 from pipeline.evaluation import DISPLAY_NAMES, evenly_spaced, format_parameters
@@ -67,6 +84,7 @@ class DatasetResults:
     unique_ngrams: list[dict[str, Any]]  # Figure 2 (right)
     density: dict[str, list[dict[str, Any]]]  # Figure 3: scorer ("base_lm", "joint") -> rows
     examples: list[dict[str, Any]]  # generations.parquet rows shown as Tables 5–6
+    generation_baseline: dict[str, Any] | None = None  # baseline_metrics.json: label, commit, metrics
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,9 @@ class Provenance:
     params_text: str
     params_sha256: str
     git_revision: str  # "unknown" without git or outside a repository
-    git_dirty: bool | None  # None when unknown
+    git_dirty: bool | None  # code or params changed since the revision; None when unknown
+    dirty_files: list[str]  # the changed tracked files that make it dirty
+    output_changes: int  # changed tracked files left out: pipeline outputs (dvc.yaml) and dvc.lock
     versions: dict[str, str]  # python, torch, dvc, ...
     platform: str
     date: str
@@ -154,6 +174,7 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
            for name in ("metrics.json", "unique_ngrams.tsv", "density_base_lm.tsv", "density_joint.tsv")}
     table = read_generations(_require(paths.generations_file, generate), EXAMPLE_COLUMNS)
     rows = table.to_pylist()
+    baseline = paths.generation_results / "baseline_metrics.json"
     return DatasetResults(
         name=dataset,
         evaluation=_read_json(ev["metrics.json"]),
@@ -163,7 +184,16 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
         unique_ngrams=read_tsv(gen["unique_ngrams.tsv"]),
         density={s: read_tsv(gen[f"density_{s}.tsv"]) for s in ("base_lm", "joint")},
         examples=[rows[i] for i in evenly_spaced(examples, len(rows))],
+        generation_baseline=read_generation_baseline(baseline) if baseline.exists() else None,
     )
+
+
+def read_generation_baseline(path: Path) -> dict[str, Any]:
+    """An earlier run's generation metrics to compare with: {"label", "commit", "metrics"}."""
+    baseline = _read_json(path)
+    if not isinstance(baseline.get("label"), str) or not isinstance(baseline.get("metrics"), dict):
+        raise RebmError(f"{path}: expected an object with a label (text) and the metrics (an object)")
+    return baseline
 
 
 def stage_files(dataset: str, root: Path = Path(".")) -> list[tuple[str, Path]]:
@@ -244,17 +274,53 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def pipeline_outputs(root: Path = Path(".")) -> list[re.Pattern[str]]:
+    """What `dvc repro` itself rewrites: every path a stage of root/dvc.yaml declares under outs,
+    metrics or plots (a foreach stage's `${...}` standing for any one path component, a
+    directory for everything under it), and dvc.lock. Without a readable dvc.yaml, dvc.lock only."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        stages = {}
+    declared = ["dvc.lock"]
+    for stage in stages.values():
+        body = stage.get("do", stage)  # a foreach stage declares its outputs under `do`
+        for key in ("outs", "metrics", "plots"):
+            declared += [entry if isinstance(entry, str) else next(iter(entry)) for entry in body.get(key) or []]
+    return [_path_pattern(path) for path in declared]
+
+
+def _path_pattern(declared: str) -> re.Pattern[str]:
+    """results/${key}/metrics.json -> a pattern for results/<any one component>/metrics.json and
+    every path under it."""
+    literal_parts = re.split(r"\$\{[^}]*\}", declared)
+    return re.compile("[^/]+".join(map(re.escape, literal_parts)) + "(/.*)?")
+
+
+def changed_files(root: Path = Path(".")) -> list[str] | None:
+    """Tracked files whose content differs from HEAD (staged or not), relative to root; None
+    without git or outside a repository."""
+    out = _git(root, "diff", "--name-only", "-z", "--no-renames", "--relative", "HEAD")
+    return None if out is None else [f for f in out.split("\0") if f]
+
+
 def collect_provenance(params: Path, root: Path = Path(".")) -> Provenance:
     params = Path(params)
     text = params.read_text(encoding="utf-8")
     revision = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") if revision else None
+    changed = changed_files(root) if revision else None
+    # A fresh `dvc repro` rewrites its git-tracked outputs before this stage runs: only changes
+    # to code and params say the run is not the committed revision's.
+    outputs = pipeline_outputs(root)
+    dirty = [f for f in changed or [] if not any(o.fullmatch(f) for o in outputs)]
     return Provenance(
         params_path=str(params),
         params_text=text,
         params_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         git_revision=revision or "unknown",
-        git_dirty=None if status is None else bool(status),
+        git_dirty=None if changed is None else bool(dirty),
+        dirty_files=dirty,
+        output_changes=len(changed or []) - len(dirty),
         versions={
             "python": platform.python_version(),
             **{name: _version(name) for name in ("torch", "transformers", "dvc", "ray", "matplotlib")},
@@ -359,17 +425,25 @@ def figure1(d: DatasetResults) -> bytes:
     return _png(fig)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def figure2_left(d: DatasetResults) -> bytes:
-    """The joint-model perplexity range against the number of LM samples per prefix (log x)."""
+    """The joint-model perplexity range against the number of LM samples per prefix (log x), out
+    to the largest n evaluated; an energy evaluated with fewer samples stops at its own n."""
     fig, (ax,) = _new_figure()
     samples = [r["samples"] for r in d.ppl_vs_samples]
     for e in _energies_in(d.ppl_vs_samples, "_ppl_low"):
-        low = [r[f"{e}_ppl_low"] for r in d.ppl_vs_samples]
-        high = [r[f"{e}_ppl_high"] for r in d.ppl_vs_samples]
+        # Rows beyond this energy's n_eval hold empty cells ("" or nan): skip them.
+        rows = [r for r in d.ppl_vs_samples if _finite(r[f"{e}_ppl_low"]) and _finite(r[f"{e}_ppl_high"])]
+        n = [r["samples"] for r in rows]
+        low = [r[f"{e}_ppl_low"] for r in rows]
+        high = [r[f"{e}_ppl_high"] for r in rows]
         colour = _energy_colour(e)
-        ax.fill_between(samples, low, high, color=colour, alpha=0.25, linewidth=0)
-        ax.plot(samples, high, color=colour, marker="v", markersize=4, linewidth=1, label=f"{_name(e)} upper (U_n)")
-        ax.plot(samples, low, color=colour, marker="^", markersize=4, linewidth=1, label=f"{_name(e)} lower (T_n)")
+        ax.fill_between(n, low, high, color=colour, alpha=0.25, linewidth=0)
+        ax.plot(n, high, color=colour, marker="v", markersize=4, linewidth=1, label=f"{_name(e)} upper (U_n)")
+        ax.plot(n, low, color=colour, marker="^", markersize=4, linewidth=1, label=f"{_name(e)} lower (T_n)")
     base = d.evaluation.get("perplexity", {}).get("base", {}).get("ppl")
     if base is not None:
         ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"BASE LM ({base:.2f})")
@@ -481,13 +555,31 @@ def _figure(name: str, alt: str, caption: str) -> list[str]:
     return [f"![{md_escape(alt)}]({FIGURES_DIR}/{name})", "", f"*{caption}*", ""]
 
 
+def _n_eval(evaluation: dict, energy: str) -> Any:
+    """LM samples per prefix behind an energy's log Z (older metrics: one n for every energy)."""
+    joint = evaluation.get("joint", {}).get(energy, {})
+    n = joint.get("n_eval", evaluation.get("n_eval", "?"))
+    return n.get(energy, "?") if isinstance(n, dict) else n
+
+
+def _joint_gain(j: dict) -> str:
+    """The 'vs BASE LM' cell of a joint range: a gain only from a converged log Z estimate."""
+    if "convergence" not in j:
+        return "— (convergence not checked)"
+    if not j["convergence"]["converged"]:
+        return "— (not converged)"
+    return f"{j['vs_base_pct_low']:+.2f}% … {j['vs_base_pct_high']:+.2f}%"
+
+
 def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
-    """Table 1 with the datasets side by side: exact LM perplexity, joint [low–high] ranges."""
+    """Table 1 with the datasets side by side: exact LM perplexity, joint [low–high] ranges with
+    their convergence verdict, then the reference points beside them."""
     lms = [v for v in LM_ORDER if any(v in d.evaluation.get("perplexity", {}) for d in datasets)]
     lms += sorted({v for d in datasets for v in d.evaluation.get("perplexity", {})} - set(lms))
     joints = [v for v in ENERGY_ORDER if any(v in d.evaluation.get("joint", {}) for d in datasets)]
     joints += sorted({v for d in datasets for v in d.evaluation.get("joint", {})} - set(joints))
-    header = ["model", "parameters"] + [c for d in datasets for c in (f"{d.name}: test ppl", f"{d.name}: vs BASE LM")]
+    header = ["model", "parameters"] + [c for d in datasets
+                                        for c in (f"{d.name}: test ppl", f"{d.name}: log Z", f"{d.name}: vs BASE LM")]
     rows = []
 
     def params_cell(values: list[str]) -> str:
@@ -500,36 +592,83 @@ def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             lm = d.evaluation.get("perplexity", {}).get(v)
             base = d.evaluation.get("perplexity", {}).get("base", {}).get("ppl")
             if lm is None:
-                cells += ["—", "—"]
+                cells += ["—", "—", "—"]
                 continue
             params.append(format_parameters(lm["parameters"]) if "parameters" in lm else "")
             vs = "—" if v == "base" or not base else f"{100 * (lm['ppl'] / base - 1):+.2f}%"
-            cells += [_fmt(lm["ppl"]), vs]
+            cells += [_fmt(lm["ppl"]), "exact", vs]
         rows.append([_name(v), params_cell(params), *cells])
     for v in joints:
         cells, params = [], []
         for d in datasets:
             j = d.evaluation.get("joint", {}).get(v)
             if j is None:
-                cells += ["—", "—"]
+                cells += ["—", "—", "—"]
                 continue
             if "energy_parameters" in j and "parameters" in j:
                 params.append(f"{format_parameters(j['parameters'] - j['energy_parameters'])}"
                               f"+{format_parameters(j['energy_parameters'])}")
-            cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}",
-                      f"{j['vs_base_pct_low']:+.2f}% … {j['vs_base_pct_high']:+.2f}%"]
+            cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}", convergence_verdict(j), _joint_gain(j)]
         rows.append([_name(v), params_cell(params), *cells])
     lines = _table(header, rows)
     lines.append("")
     for d in datasets:
         ev = d.evaluation
+        energies = _ordered(ev.get("joint", {}))
+        n = ", ".join(f"{_n_eval(ev, e)} ({_name(e)})" for e in energies) or "?"
+        rule = ""
+        if "convergence_rule" in ev:
+            rule = (f" log Z convergence rule (ε = {ev.get('convergence_epsilon', '?')} nats): "
+                    f"{md_escape(ev['convergence_rule'].rstrip('.'))}.")
         lines.append(
             f"- **{md_escape(d.name)}**: {_windows_used(ev)} test windows, "
             f"{ev.get('continuation_tokens', '?')} continuation tokens; joint ranges with log Z from "
-            f"n = {ev.get('n_eval', '?')} BASE LM samples per prefix (lower end T_n, upper end U_n, Eq. 4)."
+            f"n = {n} BASE LM samples per prefix (lower end T_n, upper end U_n, Eq. 4).{rule}"
         )
     lines.append("")
     return lines
+
+
+def _ratio(value: float, base: float | None, ci: Sequence[float] | None, level: str) -> str:
+    return "—" if not base else f"{value / base:.3f}, {ci_text(ci, level)}"
+
+
+def reference_lines(datasets: Sequence[DatasetResults]) -> list[str]:
+    """Beside Table 1: each model's perplexity ratio to BASE LM with its bootstrap interval, and
+    what a joint model's perplexity would be were its energy self-normalised (log Z = 0)."""
+    rows = []
+    for d in datasets:
+        ppl, level = d.evaluation.get("perplexity", {}), ci_level(d.evaluation)
+        base = ppl.get("base", {}).get("ppl")
+        for v in _ordered(set(ppl) - {"base"}):
+            rows.append([md_escape(d.name), _name(v),
+                         _ratio(ppl[v]["ppl"], base, ppl[v].get("ratio_to_base_ci"), level), "— (normalised)"])
+        joint = d.evaluation.get("joint", {})
+        for v in _ordered(joint):
+            j = joint[v]
+            ratio = (f"T_n end {_ratio(j['ppl_low'], base, j.get('ratio_to_base_ci_low'), level)}; "
+                     f"U_n end {_ratio(j['ppl_high'], base, j.get('ratio_to_base_ci_high'), level)}")
+            if j.get("convergence", {}).get("converged") is False:
+                ratio += " (log Z not converged)"
+            self_normalised = "—"
+            if "self_normalised_ppl" in j:
+                self_normalised = (f"{_fmt(j['self_normalised_ppl'])} "
+                                   f"({j['vs_base_pct_self_normalised']:+.2f}% vs BASE LM)")
+            rows.append([md_escape(d.name), _name(v), ratio, self_normalised])
+    notes = [f"- **{md_escape(d.name)}**: paired bootstrap over the test windows, {b['resamples']} resamples "
+             f"(seed {b['seed']}), {ci_level(d.evaluation)} intervals."
+             for d in datasets if (b := d.evaluation.get("bootstrap")) is not None]
+    return [
+        *_table(["dataset", "model", "ppl / BASE LM ppl, bootstrap CI", "self-normalised, log Z = 0 (Theorem 1)"],
+                rows),
+        "",
+        *notes,
+        *([""] if notes else []),
+        "The self-normalised perplexity takes log Z = 0: at the optimum of NCE the joint model is "
+        "self-normalised (Theorem 1), so this needs no LM samples but holds only as far as training reached "
+        "that optimum; Table 1's range estimates log Z instead.",
+        "",
+    ]
 
 
 def _windows_used(evaluation: dict) -> str:
@@ -547,17 +686,13 @@ def last_position_lines(datasets: Sequence[DatasetResults]) -> list[str]:
         positions = d.evaluation.get("positions", {})
         for e in _ordered(positions):
             last = positions[e].get("last_position", {})
-            if "exact_ppl" not in last:
+            where = exact_vs_range(last)
+            if where is None:
                 continue
             low, high = last["estimated_ppl_low_on_exact_windows"], last["estimated_ppl_high_on_exact_windows"]
-            exact = last["exact_ppl"]
-            if low * (1 - 1e-5) <= exact <= high * (1 + 1e-5):  # the stored values are rounded
-                inside = "inside"
-            else:
-                side, end = ("below", low) if exact < low else ("above", high)
-                inside = f"{100 * abs(exact / end - 1):.2f}% {side}"
             rows.append([md_escape(d.name), _name(e), str(last.get("exact_windows", "?")),
-                         _fmt(last["base_ppl_on_exact_windows"]), f"{_fmt(low)}–{_fmt(high)}", _fmt(exact), inside])
+                         _fmt(last["base_ppl_on_exact_windows"]), f"{_fmt(low)}–{_fmt(high)}",
+                         _fmt(last["exact_ppl"]), where])
     if not rows:
         return ["No exact last-position check was computed (evaluate.positions.exact_last_windows is 0).", ""]
     return [
@@ -574,8 +709,7 @@ def generation_stats_lines(datasets: Sequence[DatasetResults]) -> list[str]:
     """The §4.3 numbers behind Figures 2 (right) and 3."""
     rows = []
     for d in datasets:
-        rep_key = next((k for k in d.generation if k.startswith("repetition_rate_")), None)
-        rep = d.generation.get(rep_key, {}) if rep_key else {}
+        rep = _repetition(d.generation)
         dens = d.generation.get("loglik_density", {})
         for s in ("real", "base", "joint"):
             unique = [f"{r[s]:.1f}" if s in r else "—" for r in d.unique_ngrams]
@@ -596,6 +730,71 @@ def generation_stats_lines(datasets: Sequence[DatasetResults]) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def claims_lines(datasets: Sequence[DatasetResults]) -> list[str]:
+    """Every claim of the paper (pipeline.claims) with each dataset's verdict, claim by claim."""
+    by_claim: dict[str, list[list[str]]] = {}
+    counts = []
+    for d in datasets:
+        claims = check_claims(d.evaluation, d.generation)
+        for c in claims:
+            by_claim.setdefault(c.claim, []).append(
+                [md_escape(c.claim), md_escape(d.name), c.verdict, md_escape(c.evidence), md_escape(c.why) or "—"])
+        tally = ", ".join(f"{v}: {n}" for v in VERDICTS if (n := sum(c.verdict == v for c in claims)))
+        counts.append(f"- **{md_escape(d.name)}**: {tally}.")
+    return [
+        "Each claim of the paper, decided on this run's point estimates. A joint range enters a comparison "
+        f"only when its log Z estimate converged (else: {NOT_CONVERGED}); the bootstrap interval of the ratio "
+        "to BASE LM is quoted where evaluate computed one, and a claim that holds with an interval reaching 1 "
+        "says so.",
+        "",
+        *_table(["claim", "dataset", "verdict", "numbers", "why"], [row for rows in by_claim.values() for row in rows]),
+        "",
+        *counts,
+        "",
+    ]
+
+
+def _repetition(generation: dict) -> dict[str, float]:
+    """Repeated 4-gram rate per source (the key names the n-gram and scope, e.g. _4gram_with_prefix)."""
+    key = next((k for k in generation if k.startswith("repetition_rate_")), None)
+    return generation.get(key, {}) if key else {}
+
+
+def _sample_measures(generation: dict) -> dict[str, dict[str, str]]:
+    """The §4.3 numbers compared across runs: measure -> source (base, joint) -> formatted value."""
+    sequence = generation.get("unique_ngram_pct", {}).get("sequence", {})
+    measures = {f"unique {n}-grams % (per sequence)": {s: f"{sequence[n][s]:.1f}" for s in ("base", "joint")
+                                                      if s in sequence[n]}
+                for n in sorted(sequence, key=int)}
+    measures["repeated 4-grams (with prefix)"] = {s: f"{100 * v:.2f}%" for s, v in _repetition(generation).items()}
+    density = generation.get("loglik_density", {})
+    # Figure 3's comparison: each kind of sample scored by the model that generated it.
+    gaps = {"base": density.get("base_lm", {}).get("mean_gap", {}).get("base"),
+            "joint": density.get("joint", {}).get("mean_gap", {}).get("joint")}
+    measures["Figure 3 mean gap to real text"] = {s: _fmt(v) for s, v in gaps.items() if v is not None}
+    return measures
+
+
+def before_after_lines(datasets: Sequence[DatasetResults]) -> list[str]:
+    """The sample statistics of an earlier run (baseline_metrics.json) against this run's."""
+    rows, notes = [], []
+    for d in (d for d in datasets if d.generation_baseline is not None):
+        before, after = _sample_measures(d.generation_baseline["metrics"]), _sample_measures(d.generation)
+        for measure in dict.fromkeys([*after, *before]):
+            was, now = before.get(measure, {}), after.get(measure, {})
+            rows.append([md_escape(d.name), measure,
+                         *(f"{was.get(s, '—')} → {now.get(s, '—')}" for s in ("base", "joint"))])
+        commit = d.generation_baseline.get("commit")
+        notes.append(f"- **{md_escape(d.name)}**: before = {md_escape(d.generation_baseline['label'])}"
+                     + (f" (commit {md_escape(commit)})" if commit else "") + "; after = this run.")
+    if not rows:
+        return []
+    return ["### Before → after", "",
+            *_table(["dataset", "measure", "BASE LM samples: before → after", "joint samples: before → after"],
+                    rows),
+            "", *notes, ""]
 
 
 def examples_lines(d: DatasetResults) -> list[str]:
@@ -660,8 +859,24 @@ def stage_time_lines(times: Sequence[StageTime]) -> list[str]:
             "missing: the stage's output is absent (not run here); not recorded: its JSON holds no wall time.", ""]
 
 
+DIRTY_FILES_SHOWN = 5
+
+
+def _dirty_text(p: Provenance) -> str:
+    if p.git_dirty is None:
+        return "unknown"
+    outputs = (f"{p.output_changes} changed pipeline output(s) of dvc.yaml / dvc.lock not counted"
+               if p.output_changes else "")
+    if not p.git_dirty:
+        return f"no ({outputs})" if outputs else "no"
+    shown = ", ".join(md_escape(f) for f in p.dirty_files[:DIRTY_FILES_SHOWN])
+    more = len(p.dirty_files) - DIRTY_FILES_SHOWN
+    return (f"yes (uncommitted changes to code or params: {shown}" + (f" and {more} more" if more > 0 else "")
+            + (f"; {outputs}" if outputs else "") + ")")
+
+
 def provenance_lines(p: Provenance) -> list[str]:
-    dirty = {None: "unknown", True: "yes (uncommitted changes to tracked files)", False: "no"}[p.git_dirty]
+    dirty = _dirty_text(p)
     fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", p.params_text)), default=0) + 1)
     return [
         f"- generated: {p.date}",
@@ -675,6 +890,27 @@ def provenance_lines(p: Provenance) -> list[str]:
         fence,
         "",
     ]
+
+
+def figure1_caption(d: DatasetResults) -> str:
+    """What Figure 1 shows for this dataset: the star and its bar only where the exact last
+    position was computed."""
+    pos = d.evaluation.get("positions", {})
+    detail = "; ".join(f"{_name(e)}: {pos[e].get('windows', '?')} windows, "
+                       f"{pos[e].get('samples', '?')} samples per position" for e in _ordered(pos))
+    caption = (f"{md_escape(d.name)}: BASE LM perplexity minus the joint model's at each continuation position "
+               f"(Eq. 5), shaded between the gains from the two ends of the estimate ({md_escape(detail)}).")
+    exact = {e: pos[e]["last_position"] for e in _ordered(pos) if "exact_ppl" in pos[e].get("last_position", {})}
+    if exact:
+        windows = ", ".join(f"{_name(e)} {last.get('exact_windows', '?')}" for e, last in exact.items())
+        caption += (" The star is the exact gain at the last position (vocabulary enumerated; windows: "
+                    f"{md_escape(windows)}), the bar the estimated range on the same windows.")
+    return caption
+
+
+def _convergence_note(joint: dict) -> str:
+    converged = joint.get("convergence", {}).get("converged")
+    return not_converged_why(joint) if converged is False else f"log Z {convergence_verdict(joint)}"
 
 
 def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
@@ -691,9 +927,15 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
         "## Table 1 — test perplexity",
         "",
         *table1_lines(ds),
+        "### Reference points: bootstrap intervals and the self-normalised perplexity",
+        "",
+        *reference_lines(ds),
         "### Last position: estimated vs exact",
         "",
         *last_position_lines(ds),
+        "## The paper's claims, checked",
+        "",
+        *claims_lines(ds),
         "## Figure 1 — perplexity gain per position",
         "",
     ]
@@ -702,20 +944,16 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
         if name not in figures:
             lines += [f"{md_escape(d.name)}: no per-position estimate (evaluate.positions.energies is empty).", ""]
             continue
-        pos = d.evaluation.get("positions", {})
-        detail = "; ".join(f"{_name(e)}: {pos[e].get('windows', '?')} windows, "
-                           f"{pos[e].get('samples', '?')} samples per position" for e in _ordered(pos))
-        lines += _figure(name, f"Figure 1, {d.name}",
-                         f"{md_escape(d.name)}: BASE LM perplexity minus the joint model's at each continuation "
-                         f"position (Eq. 5), shaded between the gains from the two ends of the estimate ({detail}); "
-                         "the star is the exact gain at the last position (vocabulary enumerated), the bar the "
-                         "estimated range on the same windows.")
+        lines += _figure(name, f"Figure 1, {d.name}", figure1_caption(d))
     lines += ["## Figure 2 — perplexity range vs samples (left), unique n-grams (right)", ""]
     for d in ds:
         names_ = figure_names(d.name)
+        joint = d.evaluation.get("joint", {})
+        verdicts = "; ".join(f"{_name(e)}: {_convergence_note(joint[e])}" for e in _ordered(joint))
         lines += _figure(names_["fig2_left"], f"Figure 2 left, {d.name}",
                          f"{md_escape(d.name)}: the joint models' test perplexity range [T_n, U_n] as the number of "
-                         "BASE LM samples per prefix used for log Z grows; dashed: BASE LM.")
+                         "BASE LM samples per prefix used for log Z grows, each out to the n it was evaluated "
+                         f"with; dashed: BASE LM. {md_escape(verdicts)}.")
         lines += _figure(names_["fig2_right"], f"Figure 2 right, {d.name}",
                          f"{md_escape(d.name)}: percentage of unique n-grams within each continuation, real text vs "
                          "BASE LM and joint-model samples.")
@@ -728,7 +966,7 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
         lines += _figure(figure_names(d.name)["fig3"], f"Figure 3, {d.name}",
                          f"{md_escape(d.name)}: sequence log-likelihoods of real (red), BASE LM (black) and joint "
                          f"(green) continuations under the BASE LM (left) and the joint model (right); {gap_text}.")
-    lines += ["## Sample statistics (§4.3)", "", *generation_stats_lines(ds)]
+    lines += ["## Sample statistics (§4.3)", "", *generation_stats_lines(ds), *before_after_lines(ds)]
     lines += ["## Table 2 — human evaluation", "", *table2_lines(inputs.human_eval)]
     lines += ["## Example generations (as Tables 5–6)", ""]
     for d in ds:

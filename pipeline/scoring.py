@@ -44,17 +44,36 @@ class EnergyWorker:
 
 @torch.inference_mode()
 def score_windows(scorer, windows: np.ndarray, batch_size: int, precision: str = "fp32") -> np.ndarray:
-    """E(x) for every row of `windows` ([N, T] LM token ids) as float64 [N]."""
+    """E(x) for every row of `windows` ([N, T] LM token ids) as float64 [N].
+
+    Windows that reach the body as text are encoded first; identical encodings are scored once
+    (the |V| last-position candidates of one window often differ only in case or in bytes the
+    body cannot see), and batches are cut from the encodings sorted by length, so a batch pads
+    to about its own length rather than to the longest sequence of the block.
+    """
     windows = np.asarray(windows, dtype=np.int64)
     out = np.empty(len(windows), dtype=np.float64)
     was_training = scorer.model.training
     scorer.model.eval()
     amp = autocast(scorer.device, precision)
     try:
-        for start in range(0, len(windows), batch_size):
-            batch = torch.tensor(windows[start : start + batch_size])  # a copy: arrays from Ray are read-only
+        if scorer.shares_vocab:
+            for start in range(0, len(windows), batch_size):
+                batch = torch.tensor(windows[start : start + batch_size])  # a copy: arrays from Ray are read-only
+                with amp:
+                    out[start : start + len(batch)] = scorer(batch).double().cpu().numpy()
+            return out
+        encodings = scorer.input_ids(windows.tolist())
+        index: dict[tuple[int, ...], int] = {}
+        which = np.array([index.setdefault(tuple(e), len(index)) for e in encodings], dtype=np.int64)
+        distinct = list(index)
+        order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+        energies = np.empty(len(distinct), dtype=np.float64)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
             with amp:
-                out[start : start + len(batch)] = scorer(batch).double().cpu().numpy()
+                energies[rows] = scorer.model(**scorer.pad([list(distinct[i]) for i in rows])).double().cpu().numpy()
+        out[:] = energies[which]
     finally:
         scorer.model.train(was_training)
     return out

@@ -41,6 +41,7 @@ def run(
 ) -> dict:
     from transformers import AutoTokenizer
 
+    from pipeline.energy import input_markers
     from pipeline.evaluation import evenly_spaced
     from pipeline.generation import generations_table, select_generations, write_generations
     from pipeline.lm import load_lm
@@ -131,6 +132,7 @@ def run(
     )
     write_generations(paths.generations_file, table)
     metrics = _write_analyses(paths, table, cfg, dataset)
+    metrics["energy_input_markers"] = input_markers(energy_dir, paths.tokenizer)
     wall["stage"] = time.perf_counter() - started
     metrics["wall_seconds"] = {k: round(v, 1) for k, v in wall.items()}
     write_json(paths.generation_results / "metrics.json", metrics)

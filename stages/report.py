@@ -1,8 +1,10 @@
 """Stage `report`: reports/report.md, a self-contained reports/report.html and reports/figures/*.png.
 
 Reads every dataset's evaluate and generate outputs (a missing one is an error naming the stage
-to run), every stage's wall time, the human-evaluation votes if any, and the run's provenance;
-pipeline.report renders them. Each output is written atomically.
+to run) and, if present, results/<dataset>/generation/baseline_metrics.json (an earlier run's
+sample statistics to compare with), every stage's wall time, the human-evaluation votes if any,
+and the run's provenance (git, with dvc.yaml telling pipeline outputs from code); pipeline.report
+renders them and checks the paper's claims (pipeline.claims). Each output is written atomically.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pipeline.paths import ReportPaths
 
 def run(params: Path, root: Path = Path(".")) -> dict:
     from pipeline import report
+    from pipeline.claims import check_claims
 
     started = time.perf_counter()
     inputs = report.collect(Path(params), Path(root))
@@ -32,6 +35,8 @@ def run(params: Path, root: Path = Path(".")) -> dict:
         "html": str(paths.html),
         "figures": sorted(str(paths.figures / name) for name in built.figures),
         "table2": inputs.human_eval.markdown is not None,
+        "claims": {d.name: {c.claim: c.verdict for c in check_claims(d.evaluation, d.generation)}
+                   for d in inputs.datasets},
         "git_revision": inputs.provenance.git_revision,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

@@ -88,6 +88,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         "variant": variant,
         "body": source,
         "input": "token_ids" if scorer.shares_vocab else "detokenized_text",
+        "input_markers": scorer.markers.as_dict() if scorer.markers else None,  # line breaks, end of document
         "parameters": count_parameters(model),
         "negatives_per_prefix": train_data.samples_per_prefix,
         "train_windows": len(train_data),

@@ -113,19 +113,17 @@ def energy_model(body, architecture: str, scale: float):
 
 
 def build_toy_run(root: Path) -> Path:
-    """A finished toy run under `root`: test windows and negatives, base/BALM LMs, two energies.
+    """A finished toy run under `root`: test windows, base/BALM LMs, two energies.
 
     unit is E ≡ 0 (so the joint model IS the base LM), bit a random bidirectional energy with
-    |E| ~ 1; the negatives are real samples of the base LM. Small enough for brute force.
+    |E| ~ 1. Small enough for brute force; evaluate draws its own LM samples for log Z.
     """
     import numpy as np
     import torch
     import yaml
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-    from pipeline.io import write_json, write_table
-    from pipeline.negatives import NEGATIVES_SCHEMA
-    from pipeline.sampling import Sampler
+    from pipeline.io import write_table
     from pipeline.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"word{i} and more words {i % 7}" for i in range(200)], vocab_size=300, min_frequency=1)
@@ -140,15 +138,6 @@ def build_toy_run(root: Path) -> Path:
     for name, seed in (("base", 0), ("balm", 1)):
         tiny_gpt2(vocab, seed).save_pretrained(root / f"models/toy/lm/{name}")
         tok.save_pretrained(root / f"models/toy/lm/{name}")
-    # Test negatives: real samples of the base LM (full distribution), as the negatives stage writes them.
-    samples = Sampler(tiny_gpt2(vocab, 0)).sample(windows[:, :PREFIX], window_ids, N_NEG, SEQ - PREFIX, seed=5)
-    rows = [(w, s) for w in window_ids for s in range(N_NEG)]
-    write_table(root / "data/toy/negatives/test/shard-00000.parquet", {
-        "window_id": [w for w, _ in rows], "sample_idx": [s for _, s in rows],
-        "token_ids": list(samples.tokens.reshape(len(rows), -1)), "lm_logprob": list(samples.logprob.reshape(-1)),
-        "lm_token_logprobs": list(samples.token_logprobs.reshape(len(rows), -1)),
-    }, NEGATIVES_SCHEMA)
-    write_json(root / "data/toy/negatives/manifest.json", {"top_k": 0})
     # unit: E ≡ 0 (the joint model IS the base LM); bit: a random bidirectional energy, |E| ~ 1.
     torch.manual_seed(2)
     zero = energy_model(GPT2Model(GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2)),
@@ -162,9 +151,10 @@ def build_toy_run(root: Path) -> Path:
     params = {
         "seed": 7, "device": "cpu",
         "tokenize": {"vocab_size": 300, "prefix_len": PREFIX, "seq_len": SEQ, "stride": SEQ},
-        "negatives": {"samples": {"toy": {"test": N_NEG}}, "batch_samples": 64, "dtype": "float32"},
+        "negatives": {"samples": {"toy": {"train": 1, "valid": 1}}, "batch_samples": 64, "dtype": "float32"},
         "evaluate": {
-            "lms": ["base", "balm"], "energies": ["unit", "bit"], "n_eval": None, "sample_counts": [2, 4, 8],
+            "lms": ["base", "balm"], "energies": ["unit", "bit"], "windows": None, "n_eval": {"unit": N_NEG, "bit": N_NEG},
+            "convergence": {"epsilon": 0.2, "min_samples": 4}, "bootstrap": {"resamples": 200, "level": 0.9},
             "positions": {"energies": ["unit", "bit"], "windows": 4, "samples": 6, "exact_last_windows": 2},
             "precision": "fp32", "batch_size": 16, "shard_sequences": 64, "num_workers": 0,
         },
@@ -174,3 +164,91 @@ def build_toy_run(root: Path) -> Path:
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
+
+
+# --------------------------------------------------------------------------- metrics in evaluate's schema
+NOT_CONVERGED_REASON = "the upper bound still fell by 0.2 nats"
+CONVERGENCE_RULE = "both bounds of the mean log Z moved by less than ε since the previous n."
+BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
+
+
+def convergence(converged: bool, n: int) -> dict:
+    """A joint range's `convergence` entry as evaluate writes it."""
+    return {"converged": converged, "n": n, "previous_n": n // 2, "mean_log_z_lower": -0.05, "mean_log_z_upper": 0.02,
+            "lower_rise": 0.004 if converged else 0.3, "upper_rise": -0.002 if converged else -0.2,
+            "gap": 0.07, "epsilon": 0.01,
+            "reason": "both bounds moved less than ε" if converged else NOT_CONVERGED_REASON}
+
+
+def joint_checks(low: float, high: float, base: float, n: int, converged: bool) -> dict:
+    """What evaluate records beside a joint range [low, high]: its n, the self-normalised
+    perplexity, the bootstrap intervals of the ratio to BASE LM and the log Z convergence check."""
+    self_normalised = round(low * 0.99, 3)
+    return {
+        "n_eval": n,
+        "self_normalised_ppl": self_normalised,
+        "vs_base_pct_self_normalised": round(100 * (self_normalised / base - 1), 3),
+        "ratio_to_base_ci_low": [round(low / base - 0.02, 4), round(low / base + 0.02, 4)],
+        "ratio_to_base_ci_high": [round(high / base - 0.02, 4), round(high / base + 0.02, 4)],
+        "convergence": convergence(converged, n),
+        "verdict": f"{'converged' if converged else 'not converged'} at n = {n}",
+    }
+
+
+def joint_entry(low: float, high: float, base: float, n: int, converged: bool) -> dict:
+    """One `joint[energy]` entry of results/<ds>/evaluation/metrics.json around the range [low, high]."""
+    return {
+        "ppl_low": low, "ppl_high": high,
+        "vs_base_pct_low": round(100 * (low / base - 1), 3), "vs_base_pct_high": round(100 * (high / base - 1), 3),
+        "high_below_base": high < base, "parameters": 10_000_000, "energy_parameters": 5_000_000,
+        "mean_energy_real": -1.0, "mean_energy_lm_samples": 1.0,
+        **joint_checks(low, high, base, n, converged),
+    }
+
+
+@pytest.fixture
+def evaluation_metrics() -> dict:
+    """A dataset's evaluation metrics.json (the current schema) with paper-like numbers: BALM above
+    BASE LM, RALM below it within noise, UNIT and BIT* converged below it, BIT-BASE not converged;
+    the exact last position inside BIT*'s range and outside UNIT's."""
+    base = 20.0
+    last = {"base_ppl": 30.0, "base_ppl_on_exact_windows": 31.0, "estimated_ppl_low": 25.0, "estimated_ppl_high": 26.0,
+            "estimated_ppl_low_on_exact_windows": 26.0, "estimated_ppl_high_on_exact_windows": 27.0,
+            "exact_windows": 2}
+    return {
+        "dataset": "paper", "test_windows": 100, "test_windows_available": 100, "continuation_tokens": 4000,
+        "n_eval": {"unit": 64, "bit": 16, "bit_star": 64},
+        "convergence_epsilon": 0.01, "convergence_rule": CONVERGENCE_RULE, "bootstrap": dict(BOOTSTRAP),
+        "perplexity": {
+            "base": {"ppl": base, "parameters": 5_000_000},
+            "balm": {"ppl": 20.5, "parameters": 10_000_000, "ratio_to_base_ci": [1.01, 1.04]},
+            "ralm": {"ppl": 19.9, "parameters": 10_000_000, "ratio_to_base_ci": [0.98, 1.01]},
+        },
+        "joint": {
+            "unit": joint_entry(19.0, 19.4, base, 64, True),
+            "bit": joint_entry(18.0, 18.6, base, 16, False),
+            "bit_star": joint_entry(16.0, 16.5, base, 64, True),
+        },
+        "positions": {
+            "unit": {"windows": 4, "samples": 8, "last_position": {**last, "exact_ppl": 28.0}},
+            "bit_star": {"windows": 4, "samples": 8, "last_position": {**last, "exact_ppl": 26.5}},
+        },
+    }
+
+
+@pytest.fixture
+def generation_metrics() -> dict:
+    """A dataset's generation metrics.json: joint samples with fewer unique 3- and 4-grams than
+    BASE LM's, and closer to real text in Figure 3."""
+    def sources(real: float, base: float, joint: float) -> dict:
+        return {"real": real, "base": base, "joint": joint}
+
+    return {
+        "dataset": "paper", "energy": "bit_star", "windows": 32, "n_gen": 32, "top_k": 10,
+        "ess": {"mean": 8.0, "median": 3.0, "min": 1.0},
+        "unique_ngram_pct": {"sequence": {"1": sources(88.0, 28.0, 29.0), "2": sources(99.0, 54.0, 54.0),
+                                          "3": sources(100.0, 74.0, 60.0), "4": sources(100.0, 85.0, 66.0)}},
+        "repetition_rate_4gram_with_prefix": sources(0.005, 0.13, 0.30),
+        "loglik_density": {"base_lm": {"mean_gap": {"base": 21.64, "joint": 30.0}},
+                           "joint": {"mean_gap": {"base": 18.0, "joint": 6.20}}},
+    }

@@ -44,8 +44,10 @@ HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def optim(**overrides) -> OptimConfig:
+    # fp32: the curves must agree to float rounding; `auto` is bf16 on a CPU with AMX / AVX512-BF16,
+    # whose rounding differs between one batch and its accumulated micro-batches.
     cfg = dict(batch_size=8, max_steps=12, warmup_steps=2, max_lr=3e-3, max_grad_norm=1.0,
-               eval_every=3, eval_batch_size=32, checkpoint_every=4)
+               eval_every=3, eval_batch_size=32, checkpoint_every=4, precision="fp32")
     return OptimConfig(**(cfg | overrides))
 
 

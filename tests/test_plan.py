@@ -60,8 +60,9 @@ def test_paper_params_validate_and_plan_by_hand(tmp_path: Path) -> None:
     assert neg["sequences"] == 1000 * 16
     assert neg["tokens"] == 1000 * 16 * (T - p)
     assert neg["flops"] == 2 * n_base * (1000 * 16 * (T - p) + 1000 * p)
-    test = rows[("negatives", "sample test (n=100,000)")]
-    assert test["tokens"] == 10 * 100_000 * (T - p)
+    log_z = rows[("evaluate", "log Z samples (n=100,000 per prefix)")]  # Table 1: 100k samples per prefix
+    assert log_z["tokens"] == 10 * 100_000 * (T - p)  # evaluate draws them, on every test window
+    assert not any(stage == "negatives" and "test" in part for stage, part in rows)
     fiction_neg = rows_by(plan, "fiction")[("negatives", "sample train (n=128)")]  # 128 per Book Corpus prefix
     assert fiction_neg["tokens"] == 2000 * 128 * (T - p)
 
@@ -134,13 +135,15 @@ def test_default_params_use_matching_tokenize_stats(tmp_path: Path) -> None:
 
     n = raw["negatives"]["samples"]["news"]
     rows = rows_by(plan, "news")
-    for split, windows in (("train", 300), ("valid", 30), ("test", 12)):
+    for split, windows in (("train", 300), ("valid", 30)):
         row = rows[("negatives", f"sample {split} (n={n[split]:,})")]
         assert row["tokens"] == windows * n[split] * (T - p)
     ev = raw["evaluate"]
-    n_eval = ev["n_eval"] or n["test"]
+    n_eval, scored = ev["n_eval"]["unit"], min(ev["windows"] or 12, 12)
     energy = next(r for (stage, part), r in rows.items() if stage == "evaluate" and part.startswith("energies unit"))
-    assert energy["sequences"] == 12 * (1 + n_eval)
+    assert energy["sequences"] == scored * (1 + n_eval)
+    log_z = rows[("evaluate", f"log Z samples (n={max(ev['n_eval'].values()):,} per prefix)")]
+    assert log_z["tokens"] == scored * max(ev["n_eval"].values()) * (T - p)
     base_arch = raw["train_lm"]["base"]["arch"]
     n_base = gpt2_parameters(base_arch["n_layer"], base_arch["d_model"], base_arch["d_ff"], 500)
     assert by_name["news"]["models"]["base"]["flop"] == n_base

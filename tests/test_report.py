@@ -1,4 +1,5 @@
-"""Stage report on a finished toy run: every table and figure present and non-empty, Table 2 from votes."""
+"""Stage report on a finished toy run: every table and figure present and non-empty, Table 2 from votes,
+unconverged ranges claim nothing, provenance counts code and params only."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import base64
 import csv
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BOOTSTRAP, CONVERGENCE_RULE, NOT_CONVERGED_REASON, joint_checks, run_command
 from typer.testing import CliRunner
 
 from pipeline import report as lib
 from pipeline.errors import RebmError
 from pipeline.humaneval import GOLD, export_sheet
+from pipeline.io import write_json, write_tsv
 from stages import evaluate, generate
 from stages import report as stage
 from stages.cli import app
@@ -27,9 +31,50 @@ PNG = b"\x89PNG\r\n\x1a\n"
 DATA_URI = '<img src="data:image/png;base64,'
 
 
+TOY2_N_EVAL = {"unit": 8, "bit": 4}  # toy2: UNIT converged at n = 8, BIT-BASE not converged at n = 4
+
+
+def write_toy2_evaluation(root: Path) -> None:
+    """toy2's evaluate outputs in the current schema, whatever evaluate wrote for toy: toy's
+    numbers, UNIT's log Z converged at n = 8 and BIT-BASE's not at n = 4 (its Figure 2 cells
+    empty beyond), no exact last position."""
+    evaluation = root / "results/toy2/evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    base = metrics["perplexity"]["base"]["ppl"]
+    metrics.update(n_eval=TOY2_N_EVAL, convergence_epsilon=0.01, convergence_rule=CONVERGENCE_RULE,
+                   bootstrap=BOOTSTRAP)
+    metrics["perplexity"]["balm"]["ratio_to_base_ci"] = [0.99, 1.08]
+    for e, j in metrics["joint"].items():
+        j.update(joint_checks(j["ppl_low"], j["ppl_high"], base, TOY2_N_EVAL[e], converged=e == "unit"))
+    for p in metrics["positions"].values():
+        p["last_position"] = {k: v for k, v in p["last_position"].items() if not k.startswith("exact_")}
+    write_json(evaluation / "metrics.json", metrics)
+    rows = lib.read_tsv(evaluation / "ppl_vs_samples.tsv")
+    for r in rows:
+        for e in TOY2_N_EVAL:
+            r[f"{e}_mean_log_z_lower"], r[f"{e}_mean_log_z_upper"] = -0.01, 0.01
+            if r["samples"] > TOY2_N_EVAL[e]:  # an empty cell is written "" or nan: one of each
+                r[f"{e}_ppl_low"], r[f"{e}_ppl_high"] = float("nan"), ""
+                r[f"{e}_mean_log_z_lower"], r[f"{e}_mean_log_z_upper"] = float("nan"), ""
+    write_tsv(evaluation / "ppl_vs_samples.tsv", rows)
+
+
+def write_toy2_generation_baseline(root: Path) -> None:
+    """An earlier run's generation metrics for toy2 (toy's, every number shifted) to compare with."""
+    generation = root / "results/toy2/generation"
+    before = json.loads((generation / "metrics.json").read_text())
+    for by_source in before["unique_ngram_pct"]["sequence"].values():
+        by_source.update(base=by_source["base"] - 1, joint=by_source["joint"] - 2)
+    before["loglik_density"]["joint"]["mean_gap"]["joint"] += 5
+    write_json(generation / "baseline_metrics.json",
+               {"label": "before the fix", "commit": "da701ce", "metrics": before})
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The toy run after evaluate and generate, plus a second dataset `toy2` (a copy of its outputs)."""
+    """The toy run after evaluate and generate, plus a second dataset `toy2`: a copy of its
+    outputs, its evaluation in the current schema (write_toy2_evaluation) and a generation
+    baseline to compare with."""
     from conftest import build_toy_run
 
     root = build_toy_run(tmp_path_factory.mktemp("report"))
@@ -40,6 +85,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate.run("toy", root / "params-toy.yaml", root=root, progress=False)
     shutil.copytree(root / "results/toy", root / "results/toy2")
     shutil.copytree(root / "data/toy/generations", root / "data/toy2/generations")
+    write_toy2_evaluation(root)
+    write_toy2_generation_baseline(root)
     params["datasets"]["toy2"] = {"source": "brown", "categories": ["fiction"]}
     (root / "params-report.yaml").write_text(yaml.safe_dump(params))
     return root
@@ -52,7 +99,7 @@ def fake_git(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
 
     def git(root: Path, *args: str) -> str | None:
         calls.append(args)
-        return {"rev-parse": REV, "status": " M params.yaml"}[args[0]]
+        return {"rev-parse": REV, "diff": "params.yaml\0"}[args[0]]
 
     monkeypatch.setattr(lib, "_git", git)
     return calls
@@ -74,21 +121,56 @@ def section(markdown: str, heading: str) -> str:
 def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git) -> None:
     summary, md, page = run_report(project)
     assert summary["datasets"] == list(DATASETS) and summary["table2"] is False and summary["git_revision"] == REV
+    assert summary["claims"]["toy2"]["JOINT BIT-BASE below JOINT UNIT"] == "not converged"
 
-    # Table 1: both datasets side by side, LMs exact, joint models as ranges.
+    # Table 1: both datasets side by side, LMs exact, joint models as ranges with their log Z verdict;
+    # toy's as evaluate wrote them, toy2's in the current schema (UNIT converged, BIT-BASE not).
     table1 = section(md, "Table 1")
-    assert "| model | parameters | toy: test ppl | toy: vs BASE LM | toy2: test ppl | toy2: vs BASE LM |" in table1
+    assert ("| model | parameters | toy: test ppl | toy: log Z | toy: vs BASE LM | toy2: test ppl | toy2: log Z "
+            "| toy2: vs BASE LM |") in table1
     metrics = json.loads((project / "results/toy/evaluation/metrics.json").read_text())
     for name, key in (("BASE LM", "base"), ("BALM", "balm")):
         ppl = f"{metrics['perplexity'][key]['ppl']:.2f}"
-        assert re.search(rf"^\| {name} \| [\d.]+M \| {ppl} \| [^|]+ \| {ppl} \|", table1, re.M), name
+        assert re.search(rf"^\| {name} \| [\d.]+M \| {ppl} \| exact \| [^|]+ \| {ppl} \| exact \|", table1, re.M), name
     for name, key in (("JOINT UNIT", "unit"), ("JOINT BIT-BASE", "bit")):
         joint = metrics["joint"][key]
         cell = f"{joint['ppl_low']:.2f}–{joint['ppl_high']:.2f}"
-        row = rf"^\| {name} \| [\d.]+M\+[\d.]+M \| {cell} \| [^|]+ … [^|]+ \| {cell} \|"
+        gain = f"{joint['vs_base_pct_low']:+.2f}% … {joint['vs_base_pct_high']:+.2f}%"
+        toy2 = re.escape(f"converged at n = 8 | {gain}" if key == "unit"
+                         else "not converged at n = 4 | — (not converged)")
+        row = rf"^\| {name} \| [\d.]+M\+[\d.]+M \| {cell} \| [^|]+ \| [^|]+ \| {cell} \| {toy2} \|$"
         assert re.search(row, table1, re.M), name
+    assert ("- **toy2**: 6 test windows, 24 continuation tokens; joint ranges with log Z from n = 8 (JOINT UNIT), "
+            "4 (JOINT BIT-BASE) BASE LM samples per prefix (lower end T_n, upper end U_n, Eq. 4). log Z convergence "
+            f"rule (ε = 0.01 nats): {CONVERGENCE_RULE}") in table1
+    reference = re.findall(r"^\| toy2 \| (BALM|JOINT UNIT|JOINT BIT-BASE) \| ([^|]+) \| ([^|]+) \|$", table1, re.M)
+    assert [r[0] for r in reference] == ["BALM", "JOINT UNIT", "JOINT BIT-BASE"]
+    assert reference[0][1].endswith("95 % CI [0.990, 1.080]") and reference[0][2] == "— (normalised)"
+    assert reference[2][1].endswith("(log Z not converged)") and "% vs BASE LM" in reference[2][2]
+    assert "1000 resamples (seed 0), 95 % intervals" in table1
     assert "| toy | JOINT BIT-BASE | 2 |" in table1 and "| toy | JOINT UNIT | 2 |" in table1  # last-position check
     assert re.search(r"^\| toy \| JOINT UNIT \| 2 \|[^\n]* inside \|$", table1, re.M)  # E ≡ 0: exact = estimate
+    assert "| toy2 | JOINT" not in section(md, "Table 1").split("### Last position")[1]  # toy2: none computed
+
+    # The claims: every dataset's verdicts; an unconverged range is compared with nothing.
+    claims = section(md, "The paper's claims, checked")
+    assert md.index("## Table 1") < md.index("## The paper's claims, checked") < md.index("## Figure 1")
+    assert ("| JOINT BIT-BASE below JOINT UNIT | toy2 | not converged | — | JOINT BIT-BASE: log Z not converged at "
+            f"n = 4 ({NOT_CONVERGED_REASON}) |") in claims
+    assert "| JOINT UNIT below BASE LM (whole range) | toy2 | does not hold | " in claims  # E ≡ 0: UNIT = BASE LM
+    assert "| BALM below BASE LM | toy2 | " in claims and "| BALM below BASE LM | toy | " in claims
+    assert claims.count("exact last-position ppl inside its estimated range") == 4  # 2 energies, 2 datasets
+    assert "| JOINT UNIT: exact last-position ppl inside its estimated range (Figure 1) | toy | holds |" in claims
+
+    # Figure 1's caption names the star only where the exact last position was computed; Figure 2's
+    # caption gives each range's log Z verdict.
+    figure1 = section(md, "Figure 1")
+    toy_caption, toy2_caption = (line for line in figure1.splitlines() if line.startswith("*toy"))
+    assert "The star is the exact gain at the last position" in toy_caption
+    assert "star" not in toy2_caption and "exact" not in toy2_caption
+    assert "JOINT UNIT: 4 windows, 6 samples per position; JOINT BIT-BASE: 4 windows, 6 samples" in toy2_caption
+    assert (f"JOINT UNIT: log Z converged at n = 8; JOINT BIT-BASE: log Z not converged at n = 4 "
+            f"({NOT_CONVERGED_REASON}).") in section(md, "Figure 2")
 
     # Figures 1-3: linked from the Markdown, written as PNG, inlined in the HTML.
     figures = {}
@@ -104,8 +186,18 @@ def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git
     assert sorted(base64.b64decode(b) for b in inlined) == sorted(figures.values())
 
     # §4.3 statistics, examples (Tables 5–6), Table 2 placeholder, stage times, provenance.
-    stats = section(md, "Sample statistics")
+    stats, before_after = section(md, "Sample statistics").split("### Before → after")
     assert stats.count("| toy | ") == 3 and stats.count("| toy2 | ") == 3
+    generation = json.loads((project / "results/toy2/generation/metrics.json").read_text())
+    unique1 = generation["unique_ngram_pct"]["sequence"]["1"]
+    assert (f"| toy2 | unique 1-grams % (per sequence) | {unique1['base'] - 1:.1f} → {unique1['base']:.1f} | "
+            f"{unique1['joint'] - 2:.1f} → {unique1['joint']:.1f} |") in before_after
+    gap = generation["loglik_density"]["joint"]["mean_gap"]["joint"]
+    assert re.search(rf"^\| toy2 \| Figure 3 mean gap to real text \| [^|]+ \| {gap + 5:.2f} → {gap:.2f} \|$",
+                     before_after, re.M)
+    assert "| toy2 | repeated 4-grams (with prefix) |" in before_after
+    assert "- **toy2**: before = before the fix (commit da701ce); after = this run." in before_after
+    assert "| toy |" not in before_after  # no baseline file, no comparison
     examples = section(md, "Example generations")
     assert examples.count("**Prefix** (test window") == 3 * len(DATASETS)
     for model in ("BASE LM", "BIT-BASE-WORST", "JOINT BIT-BASE", "GOLD"):
@@ -120,17 +212,19 @@ def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git
     assert "| train_ebm_bit_star@toy2 | missing |" in times
     assert "**total**" in times and "4 of 24 stages recorded" in times
     provenance = section(md, "Provenance")
-    assert f"git revision: `{REV}`; working tree dirty: yes" in provenance
+    assert f"git revision: `{REV}`; working tree dirty: yes (uncommitted changes to code or params: params.yaml)" \
+        in provenance
     assert f"dvc {importlib.metadata.version('dvc')}" in provenance
     assert f"torch {importlib.metadata.version('torch')}" in provenance
     assert (project / "params-report.yaml").read_text().strip() in provenance  # the params, in full
     assert ("rev-parse", "HEAD") in fake_git
 
     # The HTML is the same report, self-contained.
-    for heading in ("Table 1", "Figure 1", "Figure 2", "Figure 3", "Sample statistics", "Table 2",
-                    "Example generations", "Stage wall times", "Provenance"):
+    for heading in ("Table 1", "The paper.s claims", "Figure 1", "Figure 2", "Figure 3", "Sample statistics",
+                    "Table 2", "Example generations", "Stage wall times", "Provenance"):
         assert re.search(rf"<h2>{heading}", page), heading
-    assert page.count("<table>") == 3 + 3 * len(DATASETS) + 1  # Table 1, last position, stats; examples; times
+    # Table 1, reference points, last position, claims, stats, before → after; examples; times
+    assert page.count("<table>") == 6 + 3 * len(DATASETS) + 1
     for cell in ("<td>JOINT BIT-BASE</td>", "<td>evaluate@toy</td>", "<td>GOLD</td>", "rebm humaneval export", REV):
         assert cell in page
     for external in ("<script", "<link", 'src="http', "@import", "url("):
@@ -216,6 +310,54 @@ def test_provenance_without_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     p = lib.collect_provenance(params, tmp_path)
     assert p.git_revision == "unknown" and p.git_dirty is None
     assert "git revision: `unknown`; working tree dirty: unknown" in "\n".join(lib.provenance_lines(p))
+
+
+MINIMAL_DVC_YAML = """
+stages:
+  evaluate:
+    foreach: ${datasets}
+    do:
+      cmd: rebm evaluate ${key}
+      deps: [pipeline/evaluation.py]
+      outs:
+        - results/${key}/evaluation/table1.md:
+            cache: false
+      metrics:
+        - results/${key}/evaluation/metrics.json:
+            cache: false
+  report:
+    cmd: rebm report
+    outs: [reports/figures]
+"""
+
+
+def test_provenance_is_dirty_for_code_and_params_not_for_pipeline_outputs(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    files = {"dvc.yaml": MINIMAL_DVC_YAML, "dvc.lock": "schema: '2.0'\n", "params.yaml": "seed: 1\n",
+             "pipeline/evaluation.py": "X = 1\n", "results/toy/evaluation/metrics.json": "{}\n",
+             "results/toy/evaluation/table1.md": "| a |\n", "reports/figures/fig.png": "png"}
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "a finished run"]):
+        run_command(["git", *cmd], tmp_path, env)
+    assert lib.collect_provenance(tmp_path / "params.yaml", tmp_path).git_dirty is False
+
+    # What `dvc repro` rewrites: a foreach stage's metrics, a directory out, dvc.lock; one output deleted.
+    (tmp_path / "results/toy/evaluation/metrics.json").write_text('{"ppl": 2}\n')
+    (tmp_path / "reports/figures/fig.png").write_text("new png")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    run_command(["git", "rm", "-q", "results/toy/evaluation/table1.md"], tmp_path, env)
+    p = lib.collect_provenance(tmp_path / "params.yaml", tmp_path)
+    assert (p.git_dirty, p.dirty_files, p.output_changes) == (False, [], 4)
+    assert "working tree dirty: no (4 changed pipeline output(s)" in "\n".join(lib.provenance_lines(p))
+
+    (tmp_path / "pipeline/evaluation.py").write_text("X = 2\n")
+    p = lib.collect_provenance(tmp_path / "params.yaml", tmp_path)
+    assert (p.git_dirty, p.dirty_files, p.output_changes) == (True, ["pipeline/evaluation.py"], 4)
+    assert "working tree dirty: yes (uncommitted changes to code or params: pipeline/evaluation.py; 4 changed" \
+        in "\n".join(lib.provenance_lines(p))
 
 
 def test_generated_text_stays_text_in_both_formats() -> None:

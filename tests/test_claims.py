@@ -1,0 +1,108 @@
+"""pipeline.claims: each claim of the paper gets the verdict its numbers support, and the report shows it."""
+
+from __future__ import annotations
+
+import copy
+
+from conftest import NOT_CONVERGED_REASON, convergence
+
+from pipeline import report
+from pipeline.claims import Claim, check_claims
+
+NOT_CONVERGED_WHY = f"JOINT BIT-BASE: log Z not converged at n = 16 ({NOT_CONVERGED_REASON})"
+
+
+def verdicts(claims: list[Claim]) -> dict[str, tuple[str, str]]:
+    return {c.claim: (c.verdict, c.why) for c in claims}
+
+
+def test_each_claim_gets_the_verdict_its_numbers_support(evaluation_metrics, generation_metrics) -> None:
+    claims = check_claims(evaluation_metrics, generation_metrics)
+    assert verdicts(claims) == {
+        "BALM below BASE LM": ("does not hold", "BALM is 2.50% above BASE LM"),
+        "RALM below BASE LM": ("holds", "the 95 % CI of the ratio includes 1"),
+        "JOINT UNIT below BASE LM (whole range)": ("holds", ""),
+        "JOINT BIT-BASE below JOINT UNIT": ("not converged", NOT_CONVERGED_WHY),
+        "JOINT BIT-BASE* lowest of all models": ("not converged", NOT_CONVERGED_WHY),
+        "JOINT UNIT: exact last-position ppl inside its estimated range (Figure 1)":
+            ("does not hold", "exact value 3.70% above the range"),
+        "JOINT BIT-BASE*: exact last-position ppl inside its estimated range (Figure 1)": ("holds", ""),
+        "joint samples: unique n-grams ≥ BASE LM samples (Figure 2 right)":
+            ("does not hold", "fewer unique n-grams than BASE LM for n = 3, 4"),
+        "joint samples closer to real text (Figure 3)": ("holds", ""),
+    }
+    evidence = {c.claim: c.evidence for c in claims}
+    assert evidence["RALM below BASE LM"] == "RALM 19.90 vs BASE LM 20.00; ratio 0.995, 95 % CI [0.980, 1.010]"
+    assert evidence["JOINT UNIT below BASE LM (whole range)"].startswith("UNIT 19.00–19.40 vs BASE LM 20.00")
+    assert evidence["JOINT BIT-BASE below JOINT UNIT"] == "—"  # no comparison from an unconverged range
+    assert "3-grams 60.0 vs 74.0" in evidence["joint samples: unique n-grams ≥ BASE LM samples (Figure 2 right)"]
+    assert "joint samples 6.20 (joint model) vs BASE LM samples 21.64" in evidence[
+        "joint samples closer to real text (Figure 3)"]
+
+
+def test_converged_ranges_are_compared(evaluation_metrics, generation_metrics) -> None:
+    evaluation_metrics["joint"]["bit"]["convergence"] = convergence(True, 16)
+    claims = verdicts(check_claims(evaluation_metrics, generation_metrics))
+    assert claims["JOINT BIT-BASE below JOINT UNIT"] == ("holds", "")  # 18.6 < 19.0
+    assert claims["JOINT BIT-BASE* lowest of all models"] == ("holds", "")  # 16.5 below every LM and lower end
+
+    evaluation_metrics["perplexity"]["ralm"]["ppl"] = 16.2
+    evaluation_metrics["joint"]["unit"]["ppl_low"] = 16.4
+    claims = verdicts(check_claims(evaluation_metrics, generation_metrics))
+    assert claims["JOINT BIT-BASE* lowest of all models"] == (
+        "does not hold", "BIT*'s upper end is not below RALM, JOINT UNIT")
+    assert claims["JOINT BIT-BASE below JOINT UNIT"] == (
+        "does not hold", "BIT-BASE's upper end is not below UNIT's lower end")
+
+
+def test_metrics_without_the_checks_make_no_claim(evaluation_metrics, generation_metrics) -> None:
+    older = copy.deepcopy(evaluation_metrics)
+    for j in older["joint"].values():
+        del j["convergence"]
+    del older["perplexity"]["balm"]["ratio_to_base_ci"]
+    del older["perplexity"]["ralm"]
+    for p in older["positions"].values():
+        del p["last_position"]["exact_ppl"]
+    claims = {c.claim: c for c in check_claims(older, {})}
+    for name in ("JOINT UNIT below BASE LM (whole range)", "JOINT BIT-BASE below JOINT UNIT",
+                 "JOINT BIT-BASE* lowest of all models"):
+        assert claims[name].verdict == "not computed" and "no log Z convergence check" in claims[name].why, name
+    assert claims["BALM below BASE LM"].evidence.endswith("CI not computed")
+    assert (claims["RALM below BASE LM"].verdict, claims["RALM below BASE LM"].why) == ("not computed",
+                                                                                      "RALM not evaluated")
+    assert [c.verdict for c in claims.values() if "last-position" in c.claim] == ["not computed"] * 2
+    assert claims["joint samples closer to real text (Figure 3)"].verdict == "not computed"
+
+
+def dataset(name: str, evaluation: dict, generation: dict) -> report.DatasetResults:
+    return report.DatasetResults(name=name, evaluation=evaluation, ppl_vs_samples=[], positions=[],
+                                 generation=generation, unique_ngrams=[], density={"base_lm": [], "joint": []},
+                                 examples=[])
+
+
+def test_the_report_shows_every_verdict(evaluation_metrics, generation_metrics) -> None:
+    converged = copy.deepcopy(evaluation_metrics)
+    converged["joint"]["bit"]["convergence"] = convergence(True, 16)
+    inputs = report.ReportInputs(
+        datasets=[dataset("news", evaluation_metrics, generation_metrics),
+                  dataset("fiction", converged, generation_metrics)],
+        stage_times=[],
+        human_eval=report.HumanEval("reports/humaneval/pairs.csv", False, [], None),
+        provenance=report.Provenance("params.yaml", "seed: 1\n", "0" * 64, "abc", False, [], 0, {}, "linux", "today"),
+    )
+    md = report.render_markdown(inputs, {})
+    start = md.index("## The paper's claims, checked")
+    assert md.index("## Table 1") < start < md.index("## Figure 1")
+    section = md[start:md.index("\n## ", start + 1)]
+    assert "| claim | dataset | verdict | numbers | why |" in section
+    assert "| BALM below BASE LM | news | does not hold | BALM 20.50 vs BASE LM 20.00; " in section
+    assert "| RALM below BASE LM | news | holds | " in section
+    assert section.count("| the 95 % CI of the ratio includes 1 |") == 2  # RALM, both datasets
+    assert f"| JOINT BIT-BASE below JOINT UNIT | news | not converged | — | {NOT_CONVERGED_WHY} |" in section
+    assert ("| JOINT BIT-BASE below JOINT UNIT | fiction | holds | BIT-BASE 18.00–18.60 vs UNIT 19.00–19.40 "
+            "| — |") in section
+    assert r"| JOINT BIT-BASE\* lowest of all models | fiction | holds | " in section
+    # claim by claim: the two datasets' rows of one claim are adjacent
+    assert section.index("| BALM below BASE LM | fiction |") - section.index("| BALM below BASE LM | news |") < 300
+    assert "- **news**: holds: 4, does not hold: 3, not converged: 2." in section
+    assert "- **fiction**: holds: 6, does not hold: 3." in section
