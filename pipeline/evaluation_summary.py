@@ -174,15 +174,17 @@ def position_summary(x: EvaluationInputs, cfg) -> dict:
         return {"rows": rows, "last_rows": last_rows, "metrics": metrics}
     base_tok = x.lm_logprobs["base"][pos_rows]  # [W, L]
     base_pos = position_perplexity(base_tok)
-    columns = {}
+    columns, converged = {}, {}
     for variant in variants:
         e = x.energies[variant]
         lower, upper = per_position_logprob_bounds(base_tok, e["real"][pos_rows], e["positions"])
         columns[variant] = (position_perplexity(upper), position_perplexity(lower))  # (ppl low, ppl high)
+        converged[variant] = positions_converged(e["positions"], cfg.convergence)
         entry = {
             "windows": len(pos_rows),
             "samples": cfg.positions.samples,
             "last_position": {
+                "converged": bool(converged[variant][-1]),  # its LM-sample expectation, by the log Z rule
                 "base_ppl": round(float(base_pos[-1]), 3),
                 "estimated_ppl_low": round(float(columns[variant][0][-1]), 3),
                 "estimated_ppl_high": round(float(columns[variant][1][-1]), 3),
@@ -192,6 +194,7 @@ def position_summary(x: EvaluationInputs, cfg) -> dict:
             "median_gain_high": round(float(np.median(base_pos - columns[variant][0])), 3),
             "positions_gain_in_both_bounds": int((columns[variant][1] < base_pos).sum()),
             "positions": len(base_pos),
+            "positions_converged": int(converged[variant].sum()),
         }
         if len(exact_rows):
             k = len(exact_rows)
@@ -215,8 +218,23 @@ def position_summary(x: EvaluationInputs, cfg) -> dict:
         for variant, (low, high) in columns.items():
             row[f"{variant}_ppl_low"], row[f"{variant}_ppl_high"] = float(low[j]), float(high[j])
             row[f"{variant}_gain_low"], row[f"{variant}_gain_high"] = float(base_pos[j] - high[j]), float(base_pos[j] - low[j])
+            row[f"{variant}_converged"] = int(converged[variant][j])
         rows.append(row)
     return {"rows": rows, "last_rows": last_rows, "metrics": metrics}
+
+
+def positions_converged(position_energies: np.ndarray, rule) -> np.ndarray:
+    """Per position of Figure 1: did both expectations of Eq. 5 converge by the log Z rule? [L] bool.
+
+    Column j of position_energies [W, L, s] holds the completions from token p + j on: the
+    denominator at position j and the numerator at j − 1. Position j is converged when its
+    denominator's column and (except at the last position, whose numerator is exact) its
+    numerator's column both pass `convergence_verdict` over the W windows.
+    """
+    e = np.asarray(position_energies, dtype=np.float64)
+    column_ok = np.array([convergence_verdict(-e[:, j], rule.epsilon, rule.min_samples).converged
+                          for j in range(e.shape[1])])
+    return column_ok & np.append(column_ok[1:], True)
 
 
 def table1_markdown(metrics: dict) -> str:

@@ -398,6 +398,12 @@ def figure1(d: DatasetResults) -> bytes:
         ax.fill_between(x, low, high, color=colour, alpha=0.25, linewidth=0)
         ax.plot(x, high, color=colour, linewidth=1, label=f"{_name(e)} (gain range)")
         ax.plot(x, low, color=colour, linewidth=1)
+        if d.positions and f"{e}_converged" in d.positions[0]:
+            # Positions whose LM-sample expectations failed the log Z rule: the range there is not evidence.
+            open_ = np.array([not r[f"{e}_converged"] for r in d.positions])
+            if open_.any():
+                ax.plot(x[open_], ((low + high) / 2)[open_], marker="x", color="grey", linestyle="none",
+                        label=f"{_name(e)}: not converged at this position")
         last = d.evaluation.get("positions", {}).get(e, {}).get("last_position", {})
         if "exact_ppl" in last:
             ref = last["base_ppl_on_exact_windows"]
@@ -744,10 +750,11 @@ def claims_lines(datasets: Sequence[DatasetResults]) -> list[str]:
         tally = ", ".join(f"{v}: {n}" for v in VERDICTS if (n := sum(c.verdict == v for c in claims)))
         counts.append(f"- **{md_escape(d.name)}**: {tally}.")
     return [
-        "Each claim of the paper, decided on this run's point estimates. A joint range enters a comparison "
-        f"only when its log Z estimate converged (else: {NOT_CONVERGED}); the bootstrap interval of the ratio "
-        "to BASE LM is quoted where evaluate computed one, and a claim that holds with an interval reaching 1 "
-        "says so.",
+        "Each claim of the paper, checked on this run. A comparison between models holds when the point "
+        "estimates say so and the two rows' bootstrap intervals of the ratio to BASE LM do not overlap (a "
+        f"difference inside that noise does not hold); a joint range enters a comparison only when its log Z "
+        f"estimate converged (else: {NOT_CONVERGED}), and the exact last position only when the estimate's own "
+        "LM-sample expectation did.",
         "",
         *_table(["claim", "dataset", "verdict", "numbers", "why"], [row for rows in by_claim.values() for row in rows]),
         "",
@@ -896,8 +903,13 @@ def figure1_caption(d: DatasetResults) -> str:
     """What Figure 1 shows for this dataset: the star and its bar only where the exact last
     position was computed."""
     pos = d.evaluation.get("positions", {})
+    def converged(e: str) -> str:
+        count = pos[e].get("positions_converged")
+        return "" if count is None else (f", LM-sample expectations converged by the log Z rule at {count} of "
+                                         f"{pos[e].get('positions', '?')} positions")
+
     detail = "; ".join(f"{_name(e)}: {pos[e].get('windows', '?')} windows, "
-                       f"{pos[e].get('samples', '?')} samples per position" for e in _ordered(pos))
+                       f"{pos[e].get('samples', '?')} samples per position{converged(e)}" for e in _ordered(pos))
     caption = (f"{md_escape(d.name)}: BASE LM perplexity minus the joint model's at each continuation position "
                f"(Eq. 5), shaded between the gains from the two ends of the estimate ({md_escape(detail)}).")
     exact = {e: pos[e]["last_position"] for e in _ordered(pos) if "exact_ppl" in pos[e].get("last_position", {})}

@@ -66,7 +66,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     body_tokenizer = load_tokenizer(source, f"train_ebm.{variant}")
     train_device = training_device(cfg.optim, device)  # the Ray Train workers' device above one worker
     torch.manual_seed(seed)
-    model = EnergyModel.from_body(AutoModel.from_pretrained(source), "unit" if variant == "unit" else "bit")
+    model = EnergyModel.from_body(AutoModel.from_pretrained(source), "unit" if variant == "unit" else "bit",
+                                  keep_layout=cfg.keep_layout)
     scorer = EnergyScorer(model.to(device), body_tokenizer, lm_tokenizer)
     print(f"{dataset}/{variant}: {count_parameters(model):,} parameters, body from {source}, "
           f"{'token ids' if scorer.shares_vocab else 'detokenised text'} in, "

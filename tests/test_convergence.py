@@ -84,3 +84,16 @@ def test_the_bootstrap_interval_reproduces_for_a_seed_and_contains_the_point_est
     assert first[0] < point < first[1] < 1.0
     # Pairing: the window-to-window spread of the base LM (sd 30 nats) cancels; unpaired it would not.
     assert first[1] - first[0] < 0.1  # paired: ≈ 4 · 3/√40 / 40 ≈ 0.05; unpaired ≈ 0.6
+
+
+def test_a_figure_1_position_is_converged_only_when_both_its_expectations_are() -> None:
+    from pipeline.config import ConvergenceConfig
+    from pipeline.evaluation_summary import positions_converged
+
+    rng = np.random.default_rng(4)
+    energies = rng.normal(0.0, 0.05, (4, 5, 64))  # [windows, positions, samples]: light-tailed everywhere ...
+    energies[:, 2, 32:] = -rng.exponential(3.0, (4, 32))  # ... except column 2, whose second half meets big weights
+    ok = positions_converged(energies, ConvergenceConfig(epsilon=EPS, min_samples=MIN_N))
+    # Column 2 is the denominator of position 2 and the numerator of position 1; the last has an exact numerator.
+    assert ok.tolist() == [True, False, False, True, True]
+    assert not positions_converged(energies[:, :, :32], ConvergenceConfig(epsilon=EPS, min_samples=MIN_N)).any()

@@ -100,6 +100,10 @@ def test_windows_differing_only_in_line_breaks_get_different_energy_inputs() -> 
     eod = lm_tok("and it" + "<|endoftext|>" + "The")["input_ids"]
     assert minilm.convert_tokens_to_ids("[SEP]") in scorer.input_ids([eod])[0][1:-1]
     assert scorer(torch.tensor([windows[0]])).shape == (1,)
+    # keep_layout=False is the earlier input (for the before/after measurement): layout dropped again.
+    dropped = EnergyScorer(EnergyModel.from_body(tiny_bit(vocab=minilm.vocab_size).body, "bit", keep_layout=False),
+                           minilm, lm_tok)
+    assert dropped.input_ids(windows[:2])[0] == dropped.input_ids(windows[:2])[1]
 
 
 def test_a_byte_level_body_keeps_line_breaks_as_they_are() -> None:
