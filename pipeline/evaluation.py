@@ -1,9 +1,10 @@
-"""Turning LM log-probabilities and energies into Table 1, Figure 1 and Figure 2 (left).
+"""The evaluation's building blocks: joint-model ranges, Eq. 5 per position, window helpers.
 
-Pure array code: the evaluate stage gathers the inputs (exact LM log-probs, energies of the
-real windows, of n LM samples per prefix, of the per-position completions, of every
-vocabulary candidate at the last position) and this module combines them with the
-estimators of `pipeline.joint`. Shapes: N test windows of T tokens, prefix p, L = T − p.
+Pure array code on top of the estimators of `pipeline.joint`: the evaluate stage's work
+(`pipeline.evaluation_work`) gathers the inputs and `pipeline.evaluation_summary` combines
+them with these into Table 1 and the figures. The seeds of evaluate's LM samples live here so
+that every stage that needs them derives them the same way. Shapes: N test windows of T
+tokens, prefix p, L = T − p.
 """
 
 from __future__ import annotations
