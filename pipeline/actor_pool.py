@@ -51,6 +51,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.shutdown()
 
 
+def ray_session_if(needed: bool, address: str | None, num_cpus: int):
+    """`ray_session` when work goes to actors (num_workers > 0), else nothing: Ray is not imported."""
+    return ray_session(address, num_cpus=num_cpus) if needed else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Task:
     """One unit of work: `actor.<method>(*args)`; `key` names it in errors and resubmissions."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.evaluation import DISPLAY_NAMES
+from pipeline.evaluation import display_name as name
 
 HOLDS, FAILS, NOT_CONVERGED, NOT_COMPUTED = "holds", "does not hold", "not converged", "not computed"
 VERDICTS = (HOLDS, FAILS, NOT_CONVERGED, NOT_COMPUTED)
@@ -35,16 +35,9 @@ class Claim:
     why: str = ""  # one line when it does not hold, is not converged or not computed (or is weak)
 
 
-def name(variant: str) -> str:
-    return DISPLAY_NAMES.get(variant, variant.upper())
-
-
-def convergence_verdict(joint: dict[str, Any]) -> str:
-    """'converged at n = 512', 'not converged at n = 512', or 'convergence not checked'."""
-    c = joint.get("convergence")
-    if c is None:
-        return "convergence not checked"
-    return f"{'converged' if c['converged'] else 'not converged'} at n = {c['n']}"
+def verdict_label(joint: dict[str, Any]) -> str:
+    """The range's verdict as evaluate wrote it ('converged at n = 512', …), or 'convergence not checked'."""
+    return joint["verdict"] if "convergence" in joint else "convergence not checked"
 
 
 def not_converged_why(joint: dict[str, Any]) -> str:

@@ -48,11 +48,6 @@ def mean_log_z_bounds(log_weights: np.ndarray, k: int) -> tuple[float, float]:
     return float(lower.mean()), float(upper.mean())
 
 
-def log_z_curve(log_weights: np.ndarray, counts: list[int]) -> list[tuple[int, float, float]]:
-    """(k, mean T_k, mean U_k) for each k in counts."""
-    return [(k, *mean_log_z_bounds(log_weights, k)) for k in counts]
-
-
 @dataclass(frozen=True)
 class ConvergenceVerdict:
     converged: bool

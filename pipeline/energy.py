@@ -135,22 +135,14 @@ class EnergyScorer:
         return [self.markers.apply(t, self.lm_tokenizer.eos_token) for t in texts]
 
     def input_ids(self, lm_ids: torch.Tensor | list[list[int]]) -> list[list[int]]:
-        """The body's token ids for each LM window, unpadded (what `encode` pads into a batch)."""
-        if self.shares_vocab:
-            return [list(row) for row in (lm_ids.tolist() if isinstance(lm_ids, torch.Tensor) else lm_ids)]
+        """The body's token ids for each LM window, unpadded (text input only: what `pad` batches)."""
         return self.tokenizer(self.texts(lm_ids), truncation=True, max_length=self.max_length,
                               return_token_type_ids=False)["input_ids"]
 
     def pad(self, input_ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """A batch of body token ids, right-padded, with its attention mask, on the model's device."""
-        width = max(len(row) for row in input_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-        for i, row in enumerate(input_ids):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        """A batch of body token ids padded by the body's tokenizer, with its mask, on the model's device."""
+        batch = self.tokenizer.pad({"input_ids": input_ids}, return_tensors="pt")
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
     def encode(self, lm_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.shares_vocab:
@@ -179,7 +171,7 @@ class WhitespaceMarkers:
     @classmethod
     def for_energy(cls, config: EnergyConfig, tokenizer: PreTrainedTokenizerBase) -> WhitespaceMarkers:
         """The markers an energy model was trained with: its config says whether layout is kept."""
-        return cls.for_tokenizer(tokenizer) if getattr(config, "keep_layout", True) else cls.dropped()
+        return cls.for_tokenizer(tokenizer) if config.keep_layout else cls.dropped()
 
     @classmethod
     def dropped(cls) -> WhitespaceMarkers:

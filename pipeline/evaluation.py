@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.joint import joint_sequence_nll_bounds, last_position_logprob, perplexity_range, position_logprob_bounds
+from pipeline.joint import last_position_logprob, position_logprob_bounds
 
 DISPLAY_NAMES = {
     "base": "BASE LM",
@@ -29,6 +29,11 @@ DISPLAY_NAMES = {
 }
 
 
+def display_name(variant: str) -> str:
+    """Table 1's name of a model variant ("bit_star" -> "JOINT BIT-BASE*"); unknown ones upper-cased."""
+    return DISPLAY_NAMES.get(variant, variant.upper())
+
+
 def evenly_spaced(count: int, total: int) -> np.ndarray:
     """`count` distinct row indices spread over 0..total−1 (test windows from many documents)."""
     count = min(count, total)
@@ -37,20 +42,23 @@ def evenly_spaced(count: int, total: int) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, count).round().astype(np.int64))
 
 
+def hashed_seed(key: str, bits: int = 63) -> int:
+    """A seed of `bits` bits from the first 8 bytes of sha256(key): one stream per named use."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> (64 - bits)
+
+
 def position_seed(seed: int, start: int) -> int:
     """Seed of the LM samples that complete windows from token index `start` on (Eq. 5's x').
 
     Distinct per start position so the marginalisations at different t are independent draws,
     and disjoint from the negatives stage's seed (those samples are the t = p + 1 column's).
     """
-    digest = hashlib.sha256(f"rebm/evaluate/positions/{seed}/{start}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return hashed_seed(f"rebm/evaluate/positions/{seed}/{start}")
 
 
 def log_z_seed(seed: int) -> int:
     """Seed of the LM samples that estimate log Z of every test prefix (Table 1, Figure 2 left)."""
-    digest = hashlib.sha256(f"rebm/evaluate/log_z/{seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return hashed_seed(f"rebm/evaluate/log_z/{seed}")
 
 
 def completed_windows(windows: np.ndarray, start: int, continuations: np.ndarray) -> np.ndarray:
@@ -71,25 +79,6 @@ def last_position_candidates(window: np.ndarray, vocab_size: int) -> np.ndarray:
 class JointRange:
     low: float
     high: float
-
-
-def joint_perplexity(
-    lm_logprob: np.ndarray, real_energy: np.ndarray, sample_energies: np.ndarray, tokens: int
-) -> JointRange:
-    """Table 1's joint-model range: per-token perplexity with log Z at T_n (low) and U_n (high)."""
-    low, high = joint_sequence_nll_bounds(
-        torch.from_numpy(np.asarray(lm_logprob, dtype=np.float64)),
-        torch.from_numpy(np.asarray(real_energy, dtype=np.float64)),
-        torch.from_numpy(np.asarray(sample_energies, dtype=np.float64)),
-    )
-    return JointRange(*perplexity_range(low, high, tokens))
-
-
-def perplexity_vs_samples(
-    lm_logprob: np.ndarray, real_energy: np.ndarray, sample_energies: np.ndarray, counts: list[int], tokens: int
-) -> list[tuple[int, JointRange]]:
-    """Figure 2 (left): the range from the first k samples of every prefix, for each k in counts."""
-    return [(k, joint_perplexity(lm_logprob, real_energy, sample_energies[:, :k], tokens)) for k in counts]
 
 
 def per_position_logprob_bounds(

@@ -8,7 +8,6 @@ convergence verdict of each (pipeline/convergence.py), the self-normalised perpl
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -16,13 +15,14 @@ import numpy as np
 import torch
 
 from pipeline.bounds import log_partition_bounds
-from pipeline.convergence import RULE, convergence_verdict, doubling_counts, log_z_curve
+from pipeline.joint import joint_nll_given_log_z, perplexity_range
+from pipeline.convergence import RULE, convergence_verdict, doubling_counts
 from pipeline.evaluation import (
     DISPLAY_NAMES,
     JointRange,
     exact_last_logprob,
     format_parameters,
-    joint_perplexity,
+    hashed_seed,
     per_position_logprob_bounds,
     position_perplexity,
 )
@@ -55,7 +55,7 @@ def bootstrap_ratio_interval(nll: np.ndarray, base_nll: np.ndarray, tokens_per_w
 
 
 def _bootstrap_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"rebm/evaluate/bootstrap/{seed}/{name}".encode()).digest()[:8], "little")
+    return hashed_seed(f"rebm/evaluate/bootstrap/{seed}/{name}", bits=64)
 
 
 @dataclass
@@ -100,9 +100,14 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
     for variant, e in x.energies.items():
         n = cfg.n_eval[variant]
         log_weights = -e["samples"][:, :n]
-        joint = joint_perplexity(base_seq, e["real"], e["samples"][:, :n], tokens)
-        lower_log_z, upper_log_z = (b.numpy() for b in log_partition_bounds(torch.from_numpy(log_weights)))
-        unnormalised_nll = -(base_seq - e["real"])
+        # Per-prefix T_k, U_k once for every k of Figure 2 (left); Table 1 is its last point, k = n.
+        nll = {}
+        for k in doubling_counts(n):
+            lower_log_z, upper_log_z = log_partition_bounds(torch.from_numpy(log_weights[:, :k]))
+            nll[k] = (*joint_nll_given_log_z(base_seq, e["real"], lower_log_z, upper_log_z),
+                      float(lower_log_z.mean()), float(upper_log_z.mean()))
+        nll_low, nll_high = nll[n][0].numpy(), nll[n][1].numpy()
+        joint = JointRange(*perplexity_range(nll_low, nll_high, tokens))
         verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)
         self_normalised = self_normalised_perplexity(base_seq, e["real"], tokens)
         metrics_joint[variant] = {
@@ -114,8 +119,8 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
             "high_below_base": joint.high < base_ppl,
             "self_normalised_ppl": round(self_normalised, 3),
             "vs_base_pct_self_normalised": vs_base(self_normalised),
-            "ratio_to_base_ci_low": ratio_ci(unnormalised_nll + lower_log_z, f"{variant}/low"),
-            "ratio_to_base_ci_high": ratio_ci(unnormalised_nll + upper_log_z, f"{variant}/high"),
+            "ratio_to_base_ci_low": ratio_ci(nll_low, f"{variant}/low"),
+            "ratio_to_base_ci_high": ratio_ci(nll_high, f"{variant}/high"),
             "convergence": verdict.as_dict(),
             "verdict": verdict.label,
             "parameters": x.parameters["base"] + x.parameters[variant],
@@ -123,9 +128,8 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
             "mean_energy_real": round(float(e["real"].mean()), 4),
             "mean_energy_lm_samples": round(float(e["samples"][:, :n].mean()), 4),
         }
-        counts = doubling_counts(n)
-        curves[variant] = {k: (joint_perplexity(base_seq, e["real"], e["samples"][:, :k], tokens), t, u)
-                           for k, t, u in log_z_curve(log_weights, counts)}
+        curves[variant] = {k: (JointRange(*perplexity_range(low, high, tokens)), t, u)
+                           for k, (low, high, t, u) in nll.items()}
 
     positions = position_summary(x, cfg)
     metrics = {

@@ -8,7 +8,6 @@ resumes at the first missing part and a changed input recomputes only what it to
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -22,15 +21,6 @@ from pipeline.io import ArrayCheckpoint, fingerprint
 from pipeline.negatives import model_digest
 
 
-def ray_if(needed: bool, address: str | None, num_cpus: int):
-    """A Ray session when work goes to actors (num_workers > 0), else nothing: Ray is not imported."""
-    if not needed:
-        return contextlib.nullcontext()
-    from pipeline.actor_pool import ray_session
-
-    return ray_session(address, num_cpus=num_cpus)
-
-
 class EvaluationWork:
     """The evaluate stage's computations on N test windows [N, T] with prefix length p."""
 
@@ -42,6 +32,7 @@ class EvaluationWork:
         self.checkpoint, self.progress = checkpoint, progress
         self.data_key = fingerprint(seed, prefix_len, windows.shape[1], window_ids, windows)
         self.wall: dict[str, float] = {}
+        self.part_keys: dict[str, str] = {}  # checkpoint part -> the key it was computed under
         self._model_keys: dict[Path, str] = {}
 
     def _model_key(self, model_dir: Path) -> str:
@@ -50,6 +41,7 @@ class EvaluationWork:
         return self._model_keys[model_dir]
 
     def _cached(self, name: str, key: str, compute) -> dict[str, np.ndarray]:
+        self.part_keys[name] = key
         started = time.perf_counter()
         arrays = self.checkpoint.load(name, key)
         if arrays is None:
@@ -147,8 +139,12 @@ class EvaluationWork:
                 vocab = last_lm.shape[-1]
                 blocks["last_candidates"] = np.concatenate(
                     [last_position_candidates(w, vocab) for w in self.windows[exact_rows]])
+        # The sampled blocks are named by the keys they were drawn under (hashing the arrays again
+        # would read tens of MB per energy); the windows are in data_key.
         key = fingerprint(self.data_key, self._model_key(energy_dir), cfg.precision, cfg.batch_size,
-                          cfg.shard_sequences, *blocks.values())
+                          cfg.shard_sequences, n, self.part_keys["log_z_samples"],
+                          self.part_keys["position_samples"] if position_tokens is not None else None,
+                          self.part_keys["last_position_lm"] if "last_candidates" in blocks else None)
 
         def compute() -> dict[str, np.ndarray]:
             everything = np.concatenate(list(blocks.values()))

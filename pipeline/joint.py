@@ -40,6 +40,13 @@ def joint_sequence_nll_bounds(
     the LOW end of the NLL — hence of perplexity — and U_n the HIGH end, like Table 1's ranges.
     """
     lower_log_z, upper_log_z = log_partition_bounds(-_f64(lm_sample_energies))
+    return joint_nll_given_log_z(lm_logprob, energy, lower_log_z, upper_log_z)
+
+
+def joint_nll_given_log_z(
+    lm_logprob: torch.Tensor, energy: torch.Tensor, lower_log_z: torch.Tensor, upper_log_z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) sequence NLL of the joint model from per-prefix log Z estimates (T_n, U_n)."""
     log_p_unnormalised = _f64(lm_logprob) - _f64(energy)
     return -(log_p_unnormalised - lower_log_z), -(log_p_unnormalised - upper_log_z)
 

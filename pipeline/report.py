@@ -48,13 +48,13 @@ from pipeline.claims import (
     check_claims,
     ci_level,
     ci_text,
-    convergence_verdict,
     exact_vs_range,
     not_converged_why,
+    verdict_label,
 )
 from pipeline.config import read_params
 from pipeline.errors import RebmError
-from pipeline.evaluation import DISPLAY_NAMES, evenly_spaced, format_parameters
+from pipeline.evaluation import display_name, evenly_spaced, format_parameters
 from pipeline.paths import DatasetPaths, ReportPaths
 
 LM_ORDER = ("base", "balm", "ralm")
@@ -375,10 +375,6 @@ def _ordered(variants) -> list[str]:
     return [v for v in (*LM_ORDER, *ENERGY_ORDER) if v in variants] + sorted(set(variants) - {*LM_ORDER, *ENERGY_ORDER})
 
 
-def _name(variant: str) -> str:
-    return DISPLAY_NAMES.get(variant, variant.upper())
-
-
 def _energy_colour(variant: str) -> str:
     return {"unit": "tab:blue", "bit": "tab:orange", "bit_star": "tab:purple"}.get(variant, "tab:gray")
 
@@ -396,14 +392,14 @@ def figure1(d: DatasetResults) -> bytes:
         high = np.array([r[f"{e}_gain_high"] for r in d.positions], float)
         colour = _energy_colour(e)
         ax.fill_between(x, low, high, color=colour, alpha=0.25, linewidth=0)
-        ax.plot(x, high, color=colour, linewidth=1, label=f"{_name(e)} (gain range)")
+        ax.plot(x, high, color=colour, linewidth=1, label=f"{display_name(e)} (gain range)")
         ax.plot(x, low, color=colour, linewidth=1)
         if d.positions and f"{e}_converged" in d.positions[0]:
             # Positions whose LM-sample expectations failed the log Z rule: the range there is not evidence.
             open_ = np.array([not r[f"{e}_converged"] for r in d.positions])
             if open_.any():
                 ax.plot(x[open_], ((low + high) / 2)[open_], marker="x", color="grey", linestyle="none",
-                        label=f"{_name(e)}: not converged at this position")
+                        label=f"{display_name(e)}: not converged at this position")
         last = d.evaluation.get("positions", {}).get(e, {}).get("last_position", {})
         if "exact_ppl" in last:
             ref = last["base_ppl_on_exact_windows"]
@@ -413,7 +409,7 @@ def figure1(d: DatasetResults) -> bytes:
                         fmt="none", ecolor=colour, capsize=4, linewidth=2)
             ax.plot([at], [ref - last["exact_ppl"]], marker="*", markersize=12, color=colour, linestyle="none",
                     markeredgecolor="black",
-                    label=f"{_name(e)} exact, last position ({last.get('exact_windows', '?')} windows)")
+                    label=f"{display_name(e)} exact, last position ({last.get('exact_windows', '?')} windows)")
     ax.axhline(0, color="black", linewidth=0.8)
     finite = base[np.isfinite(base)]
     # symlog: with few samples per position the bounds are heavy-tailed (U_n especially); the
@@ -448,8 +444,8 @@ def figure2_left(d: DatasetResults) -> bytes:
         high = [r[f"{e}_ppl_high"] for r in rows]
         colour = _energy_colour(e)
         ax.fill_between(n, low, high, color=colour, alpha=0.25, linewidth=0)
-        ax.plot(n, high, color=colour, marker="v", markersize=4, linewidth=1, label=f"{_name(e)} upper (U_n)")
-        ax.plot(n, low, color=colour, marker="^", markersize=4, linewidth=1, label=f"{_name(e)} lower (T_n)")
+        ax.plot(n, high, color=colour, marker="v", markersize=4, linewidth=1, label=f"{display_name(e)} upper (U_n)")
+        ax.plot(n, low, color=colour, marker="^", markersize=4, linewidth=1, label=f"{display_name(e)} lower (T_n)")
     base = d.evaluation.get("perplexity", {}).get("base", {}).get("ppl")
     if base is not None:
         ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"BASE LM ({base:.2f})")
@@ -603,7 +599,7 @@ def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             params.append(format_parameters(lm["parameters"]) if "parameters" in lm else "")
             vs = "—" if v == "base" or not base else f"{100 * (lm['ppl'] / base - 1):+.2f}%"
             cells += [_fmt(lm["ppl"]), "exact", vs]
-        rows.append([_name(v), params_cell(params), *cells])
+        rows.append([display_name(v), params_cell(params), *cells])
     for v in joints:
         cells, params = [], []
         for d in datasets:
@@ -614,14 +610,14 @@ def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             if "energy_parameters" in j and "parameters" in j:
                 params.append(f"{format_parameters(j['parameters'] - j['energy_parameters'])}"
                               f"+{format_parameters(j['energy_parameters'])}")
-            cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}", convergence_verdict(j), _joint_gain(j)]
-        rows.append([_name(v), params_cell(params), *cells])
+            cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}", verdict_label(j), _joint_gain(j)]
+        rows.append([display_name(v), params_cell(params), *cells])
     lines = _table(header, rows)
     lines.append("")
     for d in datasets:
         ev = d.evaluation
         energies = _ordered(ev.get("joint", {}))
-        n = ", ".join(f"{_n_eval(ev, e)} ({_name(e)})" for e in energies) or "?"
+        n = ", ".join(f"{_n_eval(ev, e)} ({display_name(e)})" for e in energies) or "?"
         rule = ""
         if "convergence_rule" in ev:
             rule = (f" log Z convergence rule (ε = {ev.get('convergence_epsilon', '?')} nats): "
@@ -647,7 +643,7 @@ def reference_lines(datasets: Sequence[DatasetResults]) -> list[str]:
         ppl, level = d.evaluation.get("perplexity", {}), ci_level(d.evaluation)
         base = ppl.get("base", {}).get("ppl")
         for v in _ordered(set(ppl) - {"base"}):
-            rows.append([md_escape(d.name), _name(v),
+            rows.append([md_escape(d.name), display_name(v),
                          _ratio(ppl[v]["ppl"], base, ppl[v].get("ratio_to_base_ci"), level), "— (normalised)"])
         joint = d.evaluation.get("joint", {})
         for v in _ordered(joint):
@@ -660,7 +656,7 @@ def reference_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             if "self_normalised_ppl" in j:
                 self_normalised = (f"{_fmt(j['self_normalised_ppl'])} "
                                    f"({j['vs_base_pct_self_normalised']:+.2f}% vs BASE LM)")
-            rows.append([md_escape(d.name), _name(v), ratio, self_normalised])
+            rows.append([md_escape(d.name), display_name(v), ratio, self_normalised])
     notes = [f"- **{md_escape(d.name)}**: paired bootstrap over the test windows, {b['resamples']} resamples "
              f"(seed {b['seed']}), {ci_level(d.evaluation)} intervals."
              for d in datasets if (b := d.evaluation.get("bootstrap")) is not None]
@@ -696,7 +692,7 @@ def last_position_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             if where is None:
                 continue
             low, high = last["estimated_ppl_low_on_exact_windows"], last["estimated_ppl_high_on_exact_windows"]
-            rows.append([md_escape(d.name), _name(e), str(last.get("exact_windows", "?")),
+            rows.append([md_escape(d.name), display_name(e), str(last.get("exact_windows", "?")),
                          _fmt(last["base_ppl_on_exact_windows"]), f"{_fmt(low)}–{_fmt(high)}",
                          _fmt(last["exact_ppl"]), where])
     if not rows:
@@ -731,7 +727,7 @@ def generation_stats_lines(datasets: Sequence[DatasetResults]) -> list[str]:
         ess = g.get("ess", {})
         lines.append(
             f"- **{md_escape(d.name)}**: {g.get('windows', '?')} test prefixes, joint = "
-            f"{_name(g.get('energy', '?'))} resampling {g.get('n_gen', '?')} top-{g.get('top_k', '?')} samples "
+            f"{display_name(g.get('energy', '?'))} resampling {g.get('n_gen', '?')} top-{g.get('top_k', '?')} samples "
             f"(Algorithm 1); effective sample size mean {_fmt(ess.get('mean'))}, min {_fmt(ess.get('min'))}."
         )
     lines.append("")
@@ -806,7 +802,7 @@ def before_after_lines(datasets: Sequence[DatasetResults]) -> list[str]:
 
 def examples_lines(d: DatasetResults) -> list[str]:
     """Example generations laid out as the paper's Tables 5–6 (prefix; BASE LM, worst, joint, gold)."""
-    joint = _name(d.generation.get("energy", "joint"))
+    joint = display_name(d.generation.get("energy", "joint"))
     short = joint.removeprefix("JOINT ")
     lines = [f"### {md_escape(d.name)}", ""]
     for row in d.examples:
@@ -908,13 +904,13 @@ def figure1_caption(d: DatasetResults) -> str:
         return "" if count is None else (f", LM-sample expectations converged by the log Z rule at {count} of "
                                          f"{pos[e].get('positions', '?')} positions")
 
-    detail = "; ".join(f"{_name(e)}: {pos[e].get('windows', '?')} windows, "
+    detail = "; ".join(f"{display_name(e)}: {pos[e].get('windows', '?')} windows, "
                        f"{pos[e].get('samples', '?')} samples per position{converged(e)}" for e in _ordered(pos))
     caption = (f"{md_escape(d.name)}: BASE LM perplexity minus the joint model's at each continuation position "
                f"(Eq. 5), shaded between the gains from the two ends of the estimate ({md_escape(detail)}).")
     exact = {e: pos[e]["last_position"] for e in _ordered(pos) if "exact_ppl" in pos[e].get("last_position", {})}
     if exact:
-        windows = ", ".join(f"{_name(e)} {last.get('exact_windows', '?')}" for e, last in exact.items())
+        windows = ", ".join(f"{display_name(e)} {last.get('exact_windows', '?')}" for e, last in exact.items())
         caption += (" The star is the exact gain at the last position (vocabulary enumerated; windows: "
                     f"{md_escape(windows)}), the bar the estimated range on the same windows.")
     return caption
@@ -922,7 +918,7 @@ def figure1_caption(d: DatasetResults) -> str:
 
 def _convergence_note(joint: dict) -> str:
     converged = joint.get("convergence", {}).get("converged")
-    return not_converged_why(joint) if converged is False else f"log Z {convergence_verdict(joint)}"
+    return not_converged_why(joint) if converged is False else f"log Z {verdict_label(joint)}"
 
 
 def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
@@ -961,7 +957,7 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
     for d in ds:
         names_ = figure_names(d.name)
         joint = d.evaluation.get("joint", {})
-        verdicts = "; ".join(f"{_name(e)}: {_convergence_note(joint[e])}" for e in _ordered(joint))
+        verdicts = "; ".join(f"{display_name(e)}: {_convergence_note(joint[e])}" for e in _ordered(joint))
         lines += _figure(names_["fig2_left"], f"Figure 2 left, {d.name}",
                          f"{md_escape(d.name)}: the joint models' test perplexity range [T_n, U_n] as the number of "
                          "BASE LM samples per prefix used for log Z grows, each out to the n it was evaluated "

@@ -22,7 +22,8 @@ from pathlib import Path
 from pipeline.config import EvaluateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
 from pipeline.evaluation import count_saved_parameters, evenly_spaced, log_z_seed
 from pipeline.evaluation_summary import EvaluationInputs, summarise
-from pipeline.evaluation_work import EvaluationWork, ray_if
+from pipeline.actor_pool import ray_session_if
+from pipeline.evaluation_work import EvaluationWork
 from pipeline.io import ArrayCheckpoint, require_model, write_json, write_text, write_tsv
 from pipeline.paths import DatasetPaths
 from pipeline.precision import resolve_precision
@@ -56,7 +57,7 @@ def run(
                           ArrayCheckpoint(paths.evaluation_checkpoint), progress)
     lm_logprobs = {v: work.lm_logprobs(v, d) for v, d in lm_dirs.items()}
     last_lm = work.last_position_lm(lm_dirs["base"], exact_rows) if len(exact_rows) else None
-    with ray_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker):
+    with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker):
         log_z_tokens = work.lm_samples(lm_dirs["base"], log_z_seed(seed), cfg.log_z_samples)
         position_tokens = work.position_samples(lm_dirs["base"], position_rows) if len(position_rows) else None
         energies = {

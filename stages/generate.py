@@ -13,7 +13,6 @@ models and Algorithm 1 on a user's own text, in this process.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import textwrap
 import time
@@ -76,12 +75,9 @@ def run(
     gold_lp = continuation_logprobs(load_lm(lm_dir, device), windows, p, cfg.batch_size, device).sum(axis=1)
     wall["gold_logprobs"] = time.perf_counter() - t0
 
-    ray = contextlib.nullcontext()
-    if cfg.num_workers > 0:
-        from pipeline.actor_pool import ray_session
+    from pipeline.actor_pool import ray_session_if
 
-        ray = ray_session(ray_address, num_cpus=cfg.num_workers * cfg.cpus_per_worker)
-    with ray:
+    with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker):
         t0 = time.perf_counter()
         samples = checkpoint.load("samples", data_key)
         if samples is None:
