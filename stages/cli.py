@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.errors import RebmError
+from pipeline.core.errors import RebmError
 
 app = typer.Typer(
     name="rebm",
@@ -185,8 +185,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
     """Validate every section of a params file (all errors, exit 2), then print each stage's sequences, tokens and FLOPs."""
-    from pipeline import plan as planner
-
+    from pipeline.tools import plan as planner
     configs = {}
     for spec in model_config or []:
         name, sep, path = spec.partition("=")
@@ -212,8 +211,7 @@ def bench_train(
 ) -> None:
     """Training tokens/s and GFLOP/s of an LM against this machine's measured matmul peak (fp32, bf16);
     with --workers N, the data-parallel loop on N Ray Train workers against 1 worker, same model and batch."""
-    from pipeline import bench
-
+    from pipeline.tools import bench
     if workers > 1:
         _print_summary(bench.data_parallel_benchmark(params, variant, workers, steps))
     else:
@@ -230,8 +228,8 @@ def bench_sample(
     model: Annotated[Path | None, typer.Option(help="HF causal LM dir (default: models/<dataset>/lm/base, else random init)")] = None,
 ) -> None:
     """New tokens/s of the shared-prefix sampler vs transformers generate, and of 1 vs 2 Ray workers."""
-    from pipeline import bench_sample
-    from pipeline.paths import DatasetPaths
+    from pipeline.core.paths import DatasetPaths
+    from pipeline.tools import bench_sample
 
     paths = DatasetPaths(dataset)
     report = bench_sample.run_bench(
@@ -250,8 +248,8 @@ def bench_ebm(
     batch: Annotated[int, typer.Option(help="real windows per batch (each paired with an LM sample)")] = 16,
 ) -> None:
     """Energy training and scoring sequences/s (UNIT, BIT, BIT*) against the base LM's forward pass."""
-    from pipeline import bench_ebm
-    from pipeline.config import TrainEBMConfig, load_section
+    from pipeline.core.config import TrainEBMConfig, load_section
+    from pipeline.tools import bench_ebm
 
     bit_star = load_section(TrainEBMConfig, "train_ebm", params).bit_star.init
     typer.echo(bench_ebm.format_report(bench_ebm.ebm_benchmark(dataset, bit_star, batch)))

@@ -3,7 +3,7 @@
     LMs      exact continuation perplexity of base, BALM, RALM
     joint    UNIT / BIT / BIT* perplexity ranges, log Z from n_eval[energy] base-LM samples per
              prefix drawn here, with a convergence verdict, the self-normalised perplexity and
-             bootstrap intervals (pipeline/evaluation.py)
+             bootstrap intervals (pipeline/estimation/evaluation.py)
     Fig. 2   the range against the number of samples used, doubling n up to n_eval
     Fig. 1   per-position perplexity by Eq. 5 on a subset of windows, the last position also
              exactly, by scoring every vocabulary token
@@ -18,19 +18,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
-from pipeline.config import EvaluateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
-from pipeline.evaluation import count_saved_parameters, evenly_spaced, log_z_seed
-from pipeline.evaluation_summary import EvaluationInputs, summarise
-from pipeline.actor_pool import ray_session_if
-from pipeline.evaluation_work import EvaluationWork
-from pipeline.io import ArrayCheckpoint, require_model, write_json, write_text, write_tsv
-from pipeline.paths import DatasetPaths
-from pipeline.precision import resolve_precision
-from pipeline.tokenization import read_windows
-from pipeline.training import resolve_device
-
-LM_STAGES = {"base": "train_lm_base", "balm": "train_lm_balm", "ralm": "train_lm_ralm"}
+from pipeline.core.config import EvaluateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
+from pipeline.core.io import ArrayCheckpoint, require_model
+from pipeline.core.paths import DatasetPaths
+from pipeline.core.precision import resolve_device, resolve_precision
+from pipeline.core.seeds import log_z_seed
+from pipeline.core.variants import stage_name
+from pipeline.data.tokenization import read_windows
+from pipeline.estimation.evaluation import count_saved_parameters, evenly_spaced
+from pipeline.estimation.evaluation_summary import EvaluationInputs, summarise, write_evaluation
+from pipeline.estimation.evaluation_work import EvaluationWork
+from pipeline.sampling.actor_pool import ray_session_if
 
 
 def run(
@@ -48,8 +46,8 @@ def run(
     available = len(window_ids)
     rows = evenly_spaced(cfg.windows or available, available)
     window_ids, windows = window_ids[rows], windows[rows]
-    lm_dirs = {v: require_model(paths.lm(v), f"{LM_STAGES[v]}@{dataset}") for v in cfg.lms}
-    energy_dirs = {v: require_model(paths.energy(v), f"train_ebm_{v}@{dataset}") for v in cfg.energies}
+    lm_dirs = {v: require_model(paths.lm(v), f"{stage_name(v)}@{dataset}") for v in cfg.lms}
+    energy_dirs = {v: require_model(paths.energy(v), f"{stage_name(v)}@{dataset}") for v in cfg.energies}
     position_rows = evenly_spaced(cfg.positions.windows, len(rows)) if cfg.positions.energies else rows[:0]
     exact_rows = position_rows[: cfg.positions.exact_last_for(dataset)]
 
@@ -76,12 +74,6 @@ def run(
         cfg, seed,
     )
     wall = {k: round(s, 1) for k, s in work.wall.items()} | {"stage": round(time.perf_counter() - started, 1)}
-    out = paths.evaluation
-    out.mkdir(parents=True, exist_ok=True)
-    write_tsv(out / "ppl_vs_samples.tsv", result["ppl_vs_samples"])
-    write_tsv(out / "position_ppl.tsv", result["positions"])
-    write_tsv(out / "last_position.tsv", result["last_position"])
-    write_text(out / "table1.md", result["table1"])
-    write_json(out / "metrics.json", {**result["metrics"], "wall_seconds": wall})
+    write_evaluation(paths.evaluation, result, wall)
     work.checkpoint.discard()
     return {**result["metrics"], "wall_seconds": wall}

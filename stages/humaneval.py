@@ -1,7 +1,7 @@
 """`rebm humaneval export|score`: the human-evaluation sheet and Table 2 (paper §4.2, A.4).
 
 Not a DVC stage (votes come from people, after the pipeline ran): thin wiring from the
-generate stage's Parquet files to pipeline.humaneval and back to the terminal.
+generate stage's Parquet files to pipeline.generation.humaneval and back to the terminal.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import RebmError
-from pipeline.paths import DatasetPaths
+from pipeline.core.errors import RebmError
+from pipeline.core.paths import DatasetPaths
 
 
 def generations_path(dataset: str, root: Path = Path(".")) -> Path:
@@ -43,9 +43,9 @@ def export(
     seed: int | None = None,
     root: Path = Path("."),
 ) -> dict:
-    from pipeline.config import load_seed
-    from pipeline.generation import GENERATIONS_SCHEMA, read_generations
-    from pipeline.humaneval import DEFAULT_PAIRS, GOLD, export_sheet
+    from pipeline.core.config import load_seed
+    from pipeline.generation.humaneval import DEFAULT_PAIRS, GOLD, export_sheet
+    from pipeline.generation.resample import GENERATIONS_SCHEMA, read_generations
 
     if not datasets:
         raise RebmError("name at least one dataset")
@@ -64,8 +64,8 @@ def export(
 
 
 def score(votes: Sequence[Path], pairs: Path, json_out: Path | None = None):
-    from pipeline.humaneval import score_votes
-    from pipeline.io import write_json
+    from pipeline.core.io import write_json
+    from pipeline.generation.humaneval import score_votes
 
     result = score_votes(pairs, list(votes))
     if json_out is not None:

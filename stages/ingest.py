@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import IngestConfig, load_dataset_source, load_section
-from pipeline.corpora import iter_documents, ingest_documents
-from pipeline.io import atomic_output, write_json
-from pipeline.paths import DatasetPaths
+from pipeline.core.config import IngestConfig, load_dataset_source, load_section
+from pipeline.core.io import atomic_output, write_json
+from pipeline.core.paths import DatasetPaths
+from pipeline.data.corpora import ingest_documents, iter_documents
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:

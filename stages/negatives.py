@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import NegativesConfig, TokenizeConfig, load_section, load_seed
-from pipeline.errors import RebmError
-from pipeline.io import write_json
-from pipeline.paths import DatasetPaths
-from pipeline.tokenization import read_windows
+from pipeline.core.config import NegativesConfig, TokenizeConfig, load_section, load_seed
+from pipeline.core.errors import RebmError
+from pipeline.core.io import write_json
+from pipeline.core.paths import DatasetPaths
+from pipeline.data.tokenization import read_windows
 
 
 def read_prefixes(path: Path, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +33,8 @@ def run(
     model_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    from pipeline.actor_pool import ray_session
-    from pipeline.negatives import SplitInput, generate_negatives
+    from pipeline.sampling.actor_pool import ray_session
+    from pipeline.sampling.negatives import SplitInput, generate_negatives
 
     cfg = load_section(NegativesConfig, "negatives", params)
     tok = load_section(TokenizeConfig, "tokenize", params)

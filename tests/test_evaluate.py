@@ -12,16 +12,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import N_NEG, N_TEST, PREFIX, SEQ  # noqa: E402  (the toy run's shape)
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline.bounds import log_partition_bounds
-from pipeline.energy import EnergyScorer
-from pipeline.errors import RebmError
-from pipeline.evaluation import completed_windows, per_position_logprob_bounds
-from pipeline.sampling import Sampler
+from pipeline.core.errors import RebmError
+from pipeline.estimation.bounds import log_partition_bounds
+from pipeline.estimation.evaluation import completed_windows, per_position_logprob_bounds
+from pipeline.models.energy import EnergyScorer
+from pipeline.sampling.sampler import Sampler
 from stages import evaluate as stage
-
-from conftest import N_NEG, N_TEST, PREFIX, SEQ  # noqa: E402  (the toy run's shape)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +68,9 @@ def test_zero_energy_reproduces_the_base_lm_everywhere(project: Path, result: di
 def test_exact_last_position_equals_brute_force(project: Path, result: dict) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.energy import load_energy
-    from pipeline.lm import load_lm
-    from pipeline.tokenization import read_windows
+    from pipeline.data.tokenization import read_windows
+    from pipeline.models.energy import load_energy
+    from pipeline.models.lm import load_lm
 
     ids, windows = read_windows(project / "data/toy/windows/test.parquet")
     lm = load_lm(project / "models/toy/lm/base")
@@ -115,7 +114,7 @@ def without_wall(metrics: dict) -> dict:
 
 
 def test_an_interrupted_run_resumes_from_its_finished_parts(project: Path, result: dict, monkeypatch) -> None:
-    from pipeline.evaluation_work import EvaluationWork
+    from pipeline.estimation.evaluation_work import EvaluationWork
 
     scored, sampled = [], []
     real_energies, real_sample = EvaluationWork.energies, EvaluationWork._sample
@@ -167,11 +166,11 @@ def test_ray_actors_give_the_in_process_result(project: Path, result: dict) -> N
 def test_a_window_subset_is_scored_as_those_windows_alone(project: Path, tmp_path: Path) -> None:
     import shutil
 
-    from pipeline.evaluation import evenly_spaced
-    from pipeline.lm import load_lm
-    from pipeline.paths import DatasetPaths
-    from pipeline.perplexity import continuation_logprobs
-    from pipeline.tokenization import read_windows
+    from pipeline.core.paths import DatasetPaths
+    from pipeline.data.tokenization import read_windows
+    from pipeline.estimation.evaluation import evenly_spaced
+    from pipeline.estimation.perplexity import continuation_logprobs
+    from pipeline.models.lm import load_lm
 
     copy_root = tmp_path / "project"
     shutil.copytree(project, copy_root)  # the module's outputs stay those of the full run

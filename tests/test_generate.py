@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import N_TEST, PREFIX, SEQ
 from typer.testing import CliRunner
 
-from conftest import N_TEST, PREFIX, SEQ
-from pipeline.generation import read_generations
+from pipeline.generation.resample import read_generations
 from stages import generate as stage
 from stages.cli import app
 
@@ -37,11 +37,12 @@ def metrics(project: Path) -> dict:
 
 
 def test_one_row_per_prefix_with_consistent_energies_and_logprobs(project: Path, metrics: dict) -> None:
-    from pipeline.energy import EnergyScorer, load_energy
-    from pipeline.lm import load_lm
-    from pipeline.perplexity import continuation_logprobs
-    from pipeline.scoring import score_windows
     from transformers import AutoTokenizer
+
+    from pipeline.estimation.perplexity import continuation_logprobs
+    from pipeline.estimation.scoring import score_windows
+    from pipeline.models.energy import EnergyScorer, load_energy
+    from pipeline.models.lm import load_lm
 
     table = read_generations(project / "data/toy/generations/generations.parquet").to_pydict()
     assert len(table["window_id"]) == N_TEST and metrics["windows"] == N_TEST
@@ -96,7 +97,7 @@ def test_prompt_prints_base_and_joint_side_by_side(project: Path, monkeypatch: p
 
 
 def test_missing_energy_names_the_stage(project: Path) -> None:
-    from pipeline.errors import RebmError
+    from pipeline.core.errors import RebmError
 
     with pytest.raises(RebmError, match="train_ebm_bit_star@toy"):
         stage.run("toy", params_with(project, energy="bit_star"), root=project, progress=False)

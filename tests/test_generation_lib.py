@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.errors import RebmError
-from pipeline.generation import (
+from pipeline.core.errors import RebmError
+from pipeline.generation.resample import (
     BASE_INDEX,
     GENERATIONS_SCHEMA,
     effective_sample_size,
@@ -23,7 +23,7 @@ from pipeline.generation import (
     select_generations,
     write_generations,
 )
-from pipeline.sample_analysis import (
+from pipeline.generation.sample_analysis import (
     density_summary,
     joint_log_likelihood,
     loglik_by_source,
@@ -32,7 +32,7 @@ from pipeline.sample_analysis import (
     unique_ngram_percentage,
     unique_ngram_rows,
 )
-from pipeline.sampling import sample_uniforms
+from pipeline.sampling.sampler import sample_uniforms
 
 VOCAB = [f"w{i}" for i in range(64)]
 

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import RebmError
-from pipeline.generation import generations_table, select_generations, write_generations
-from pipeline.humaneval import (
+from pipeline.core.errors import RebmError
+from pipeline.generation.humaneval import (
     ATTENTION_COMPARISON,
     DECOY,
     GOLD,
@@ -22,6 +21,7 @@ from pipeline.humaneval import (
     export_sheet,
     score_votes,
 )
+from pipeline.generation.resample import generations_table, select_generations, write_generations
 from stages.cli import app
 
 WORDS = [f"word{i}" for i in range(200)]

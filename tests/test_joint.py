@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.joint import (
+from pipeline.estimation.joint import (
     expectation_bounds,
     joint_sequence_nll_bounds,
     last_position_logprob,

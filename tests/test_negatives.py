@@ -21,15 +21,10 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline.actor_pool import ray_session
-from pipeline.negatives import (
-    NEGATIVES_SCHEMA,
-    SplitInput,
-    generate_negatives,
-    read_negatives,
-)
-from pipeline.sampling import full_forward_logprobs
-from pipeline.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA
+from pipeline.data.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA
+from pipeline.sampling.actor_pool import ray_session
+from pipeline.sampling.negatives import NEGATIVES_SCHEMA, SplitInput, generate_negatives, read_negatives
+from pipeline.sampling.sampler import full_forward_logprobs
 from tests.conftest import REPO
 
 VOCAB, P, L = 96, 10, 6
@@ -193,7 +188,13 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
     assert_same(out, ref)
 
     # Other params or another model: no shard may be reused (checked on the plan, no sampling).
-    from pipeline.negatives import SamplingSpec, model_fingerprint, plan_shards, read_model_files, shard_is_valid
+    from pipeline.sampling.negatives import (
+        SamplingSpec,
+        model_fingerprint,
+        plan_shards,
+        read_model_files,
+        shard_is_valid,
+    )
 
     def plan(model: Path, **change) -> list:
         spec = SamplingSpec(**{"n": N["train"], "new_tokens": L, "top_k": 0, "seed": 2020, "batch_samples": 12, **change})

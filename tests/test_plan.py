@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.errors import RebmError
-from pipeline.plan import ModelResolver, build_plan, parse_windows, validate_params
+from pipeline.core.errors import RebmError
+from pipeline.tools.plan import ModelResolver, build_plan, parse_windows, validate_params
 from stages.cli import app
 from tests.conftest import REPO
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import precision as prec
+from pipeline.core import precision as prec
 
 CPU = torch.device("cpu")
 
@@ -55,8 +55,8 @@ def test_explicit_choices_are_kept_and_emulated_bf16_warns(monkeypatch: pytest.M
 
 
 def test_params_reject_an_unknown_precision(tmp_path: Path) -> None:
-    from pipeline.config import EvaluateConfig, load_section
-    from pipeline.errors import RebmError
+    from pipeline.core.config import EvaluateConfig, load_section
+    from pipeline.core.errors import RebmError
 
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  precision: fp16\n")

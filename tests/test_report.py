@@ -17,10 +17,10 @@ import yaml
 from conftest import BOOTSTRAP, CONVERGENCE_RULE, NOT_CONVERGED_REASON, joint_checks, run_command
 from typer.testing import CliRunner
 
-from pipeline import report as lib
-from pipeline.errors import RebmError
-from pipeline.humaneval import GOLD, export_sheet
-from pipeline.io import write_json, write_tsv
+from pipeline.core.errors import RebmError
+from pipeline.core.io import write_json, write_tsv
+from pipeline.generation.humaneval import GOLD, export_sheet
+from pipeline.reporting import report as lib
 from stages import evaluate, generate
 from stages import report as stage
 from stages.cli import app
@@ -319,7 +319,7 @@ stages:
     foreach: ${datasets}
     do:
       cmd: rebm evaluate ${key}
-      deps: [pipeline/evaluation.py]
+      deps: [pipeline/estimation/evaluation.py]
       outs:
         - results/${key}/evaluation/table1.md:
             cache: false
@@ -336,7 +336,7 @@ def test_provenance_is_dirty_for_code_and_params_not_for_pipeline_outputs(tmp_pa
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     files = {"dvc.yaml": MINIMAL_DVC_YAML, "dvc.lock": "schema: '2.0'\n", "params.yaml": "seed: 1\n",
-             "pipeline/evaluation.py": "X = 1\n", "results/toy/evaluation/metrics.json": "{}\n",
+             "pipeline/estimation/evaluation.py": "X = 1\n", "results/toy/evaluation/metrics.json": "{}\n",
              "results/toy/evaluation/table1.md": "| a |\n", "reports/figures/fig.png": "png"}
     for path, text in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
@@ -354,10 +354,10 @@ def test_provenance_is_dirty_for_code_and_params_not_for_pipeline_outputs(tmp_pa
     assert (p.git_dirty, p.dirty_files, p.output_changes) == (False, [], 4)
     assert "working tree dirty: no (4 changed pipeline output(s)" in "\n".join(lib.provenance_lines(p))
 
-    (tmp_path / "pipeline/evaluation.py").write_text("X = 2\n")
+    (tmp_path / "pipeline/estimation/evaluation.py").write_text("X = 2\n")
     p = lib.collect_provenance(tmp_path / "params.yaml", tmp_path)
-    assert (p.git_dirty, p.dirty_files, p.output_changes) == (True, ["pipeline/evaluation.py"], 4)
-    assert "working tree dirty: yes (uncommitted changes to code or params: pipeline/evaluation.py; 4 changed" \
+    assert (p.git_dirty, p.dirty_files, p.output_changes) == (True, ["pipeline/estimation/evaluation.py"], 4)
+    assert "working tree dirty: yes (uncommitted changes to code or params: pipeline/estimation/evaluation.py; 4 changed" \
         in "\n".join(lib.provenance_lines(p))
 
 

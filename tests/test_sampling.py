@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from pipeline.sampling import Sampler, full_forward_logprobs, pick_tokens, sample_uniforms
+from pipeline.sampling.sampler import Sampler, full_forward_logprobs, pick_tokens, sample_uniforms
 
 VOCAB = 96
 P, L = 10, 6

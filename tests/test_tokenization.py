@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.tokenization import (
+from pipeline.data.tokenization import (
     SPLIT_ID_BASE,
     WindowStats,
     cut_windows,

@@ -12,12 +12,12 @@ import yaml
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from pipeline.ebm_data import NCEData, load_nce_data
-from pipeline.energy import EnergyScorer, load_energy, same_token_ids
-from pipeline.errors import RebmError
-from pipeline.io import write_table
-from pipeline.negatives import NEGATIVES_SCHEMA
-from pipeline.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
+from pipeline.core.errors import RebmError
+from pipeline.core.io import write_table
+from pipeline.data.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA, train_bpe_tokenizer
+from pipeline.models.energy import EnergyScorer, load_energy, same_token_ids
+from pipeline.sampling.negatives import NEGATIVES_SCHEMA
+from pipeline.training.ebm_data import NCEData, load_nce_data
 from stages.cli import app
 
 PREFIX, SEQ, N_NEG = 12, 16, 4

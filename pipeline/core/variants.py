@@ -1,0 +1,46 @@
+"""The model variants of the paper's Table 1: one registry that stages, params, the report and
+`rebm plan` all read, so adding or renaming a variant happens here and nowhere else.
+
+    LMs       base (BASE LM), balm (BALM), ralm (RALM)                    stage train_lm_<key>
+    energies  unit (JOINT UNIT), bit (JOINT BIT-BASE), bit_star (JOINT BIT-BASE*)
+                                                                          stage train_ebm_<key>
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pipeline.core.errors import RebmError
+
+LMVariant = Literal["base", "balm", "ralm"]
+EnergyVariant = Literal["unit", "bit", "bit_star"]
+LM_VARIANTS: tuple[str, ...] = get_args(LMVariant)
+ENERGY_VARIANTS: tuple[str, ...] = get_args(EnergyVariant)
+
+DISPLAY_NAMES = {
+    "base": "BASE LM",
+    "balm": "BALM",
+    "ralm": "RALM",
+    "unit": "JOINT UNIT",
+    "bit": "JOINT BIT-BASE",
+    "bit_star": "JOINT BIT-BASE*",
+}
+
+
+def display_name(variant: str) -> str:
+    """Table 1's name of a model variant ("bit_star" -> "JOINT BIT-BASE*"); unknown ones upper-cased."""
+    return DISPLAY_NAMES.get(variant, variant.upper())
+
+
+def stage_name(variant: str) -> str:
+    """The dvc.yaml stage (before `@<dataset>`) that trains `variant`."""
+    return f"train_lm_{variant}" if variant in LM_VARIANTS else f"train_ebm_{variant}"
+
+
+def check_variant(variant: str, kind: Literal["lm", "energy"]) -> str:
+    """`variant` if it is a known LM (`kind="lm"`) or energy variant; a RebmError naming the choices if not."""
+    known = LM_VARIANTS if kind == "lm" else ENERGY_VARIANTS
+    if variant not in known:
+        what = "LM" if kind == "lm" else "energy"
+        raise RebmError(f"unknown {what} variant '{variant}' (expected one of: {', '.join(known)})")
+    return variant

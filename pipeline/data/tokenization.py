@@ -1,0 +1,184 @@
+"""Tokenizer (trained byte-level BPE, or any HF tokenizer) and fixed-length windows.
+
+Documents of a split are joined with an end-of-document token into one stream and cut into
+windows of `seq_len` tokens every `stride` tokens; the first `prefix_len` tokens of a window
+are the prefix the models condition on, the rest the continuation they are scored on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from pipeline.core.errors import RebmError
+from pipeline.core.io import StreamingTableWriter
+
+END_OF_DOCUMENT = "<|endoftext|>"
+
+WINDOWS_SCHEMA = pa.schema(
+    [
+        pa.field("window_id", pa.int64(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+
+# Window ids are unique within a dataset across splits, because per-sample randomness
+# downstream is seeded from (seed, window_id, sample_idx).
+SPLIT_ID_BASE = {"train": 0, "valid": 1 << 40, "test": 2 << 40}
+
+_ENCODE_BATCH = 256
+
+
+def iter_texts(docs_path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, str]]:
+    """(doc_id, text) pairs of a docs Parquet file, streamed."""
+    for batch in pq.ParquetFile(docs_path).iter_batches(batch_size=batch_rows, columns=["doc_id", "text"]):
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE trained on `texts`, with one end-of-document token.
+
+    Byte-level means no unknown tokens: any string, whatever its script or stray bytes,
+    round-trips through encode/decode.
+    """
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[END_OF_DOCUMENT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=END_OF_DOCUMENT,
+        eos_token=END_OF_DOCUMENT,
+        unk_token=END_OF_DOCUMENT,
+        pad_token=END_OF_DOCUMENT,
+        model_max_length=1_000_000_000,  # windows are cut by us, never truncated by the tokenizer
+    )
+
+
+def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Any HF tokenizer (hub id or local directory), loaded offline if the files are local."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise RebmError(f"tokenize.pretrained: cannot load tokenizer '{name_or_path}': {exc}") from exc
+    end_of_document_id(tokenizer, where=f"tokenize.pretrained '{name_or_path}'")
+    tokenizer.model_max_length = 1_000_000_000
+    return tokenizer
+
+
+def end_of_document_id(tokenizer: PreTrainedTokenizerBase, where: str = "tokenizer") -> int:
+    """The id that separates documents: EOS, or SEP for encoder tokenizers that lack one."""
+    for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise RebmError(f"{where}: has neither an EOS nor a SEP token to mark document ends")
+
+
+@dataclass
+class WindowStats:
+    documents: int = 0
+    tokens: int = 0
+    windows: int = 0
+    tail_tokens_dropped: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def encode_documents(
+    tokenizer: PreTrainedTokenizerBase, docs: Iterable[tuple[str, str]], stats: WindowStats
+) -> Iterator[tuple[str, list[int]]]:
+    """(doc_id, token ids) in batches; documents that encode to nothing are skipped and counted."""
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> Iterator[tuple[str, list[int]]]:
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        for (doc_id, _), ids in zip(batch, encoded):
+            if not ids:
+                stats.skipped["no_tokens"] += 1
+                continue
+            stats.documents += 1
+            yield doc_id, ids
+        batch.clear()
+
+    for doc_id, text in docs:
+        batch.append((doc_id, text))
+        if len(batch) >= _ENCODE_BATCH:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def cut_windows(
+    encoded_docs: Iterable[tuple[str, list[int]]], eod_id: int, seq_len: int, stride: int, stats: WindowStats
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(doc_id of the window's first token, ids[seq_len]) over the EOD-joined stream.
+
+    Each document is followed by `eod_id`, so a window may cross a document boundary, as the
+    paper's fixed-length windows over a concatenated corpus do. The final partial window is
+    dropped (counted in `tail_tokens_dropped`).
+    """
+    ids: list[int] = []
+    owners: list[str] = []  # doc id of every buffered token
+    for doc_id, doc_ids in encoded_docs:
+        ids.extend(doc_ids)
+        ids.append(eod_id)
+        owners.extend([doc_id] * (len(doc_ids) + 1))
+        stats.tokens += len(doc_ids) + 1
+        while len(ids) >= seq_len:
+            stats.windows += 1
+            yield owners[0], np.asarray(ids[:seq_len], dtype=np.int32)
+            del ids[:stride]
+            del owners[:stride]
+    # Tokens left over were either covered by an earlier overlapping window or are lost.
+    stats.tail_tokens_dropped = max(0, len(ids) - (seq_len - stride)) if stats.windows else len(ids)
+
+
+def write_windows(
+    path: Path,
+    split: str,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Iterable[tuple[str, str]],
+    seq_len: int,
+    stride: int,
+) -> WindowStats:
+    stats = WindowStats()
+    eod = end_of_document_id(tokenizer)
+    encoded = encode_documents(tokenizer, docs, stats)
+    with StreamingTableWriter(path, WINDOWS_SCHEMA) as writer:
+        for index, (doc_id, window) in enumerate(cut_windows(encoded, eod, seq_len, stride, stats)):
+            writer.append(window_id=SPLIT_ID_BASE[split] + index, doc_id=doc_id, input_ids=window)
+    return stats
+
+
+def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(window ids int64 [N], token ids int64 [N, seq_len]) of one split, schema-checked."""
+    from pipeline.core.io import read_table
+
+    table = read_table(path, WINDOWS_SCHEMA, columns=["window_id", "input_ids"])
+    column = table.column("input_ids").combine_chunks()
+    lengths = np.diff(column.offsets.to_numpy())
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise RebmError(f"{path}: column 'input_ids' has rows of different lengths")
+    flat = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
+    return table.column("window_id").to_numpy().astype(np.int64), ids
+
+
+def read_window_ids(path: Path) -> np.ndarray:
+    """All windows of one split as an int64 [N, seq_len] array (with schema check)."""
+    return read_windows(path)[1]

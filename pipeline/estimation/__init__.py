@@ -1,0 +1,3 @@
+"""Numbers from samples: log Z bounds (Eq. 4 / Theorem 2), joint perplexity (Eq. 5),
+LM perplexity, energy scoring, and the evaluate stage's work, convergence and summary.
+"""

@@ -1,0 +1,242 @@
+"""Throughput benchmarks (`rebm bench ...`): what this machine achieves against what it could.
+
+Each benchmark is a separate function with its own section below; they share only the
+matrix-multiply peak measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.core.config import LMVariantConfig, RalmConfig, TokenizeConfig, load_device, load_section, load_subsection
+from pipeline.core.errors import RebmError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- shared: matmul peak
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Best observed GFLOP/s of an n x n matrix multiply (2 n^3 flops) in `dtype` on `device`."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        dt = time.perf_counter() - t0
+        spent += dt
+        best = max(best, 2 * n**3 / dt / 1e9)
+    return best
+
+
+# --------------------------------------------------------------------------- training benchmark
+def lm_flops_per_token(config, seq_len: int, backward: bool = True) -> float:
+    """Matmul flops per token of a GPT-2-style LM: 2 flops per weight (blocks + output head) and
+    4·L·d·T for attention scores and values, forward; training (forward + backward) is 3x that."""
+    d, n_layer, vocab = config.n_embd, config.n_layer, config.vocab_size
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config)
+    block_params = sum(p.numel() for p in model.transformer.h.parameters())
+    forward = 2 * (block_params + vocab * d) + 4 * n_layer * d * seq_len
+    return forward * (3 if backward else 1)
+
+
+def _bench_model(params: Path, variant: str, vocab_size: int, seq_len: int):
+    """(model, flops per token, optimisation config) for a `train_lm` variant, randomly initialised."""
+    from pipeline.models.lm import ResidualLM, build_gpt2, gpt2_config
+
+    if variant == "ralm":
+        base_cfg = load_subsection(LMVariantConfig, "train_lm.base", params)
+        cfg = load_subsection(RalmConfig, "train_lm.ralm", params)
+        if base_cfg.arch is None:
+            raise RebmError("bench train --variant ralm: needs train_lm.base.arch (a from-scratch base)")
+        model = ResidualLM.from_parts(build_gpt2(base_cfg.arch, vocab_size, 0), build_gpt2(cfg.arch, vocab_size, 0))
+        flops = lm_flops_per_token(gpt2_config(base_cfg.arch, vocab_size, 0), seq_len, backward=False)
+        flops += lm_flops_per_token(gpt2_config(cfg.arch, vocab_size, 0), seq_len)
+        return model, flops, cfg.optim
+    if variant not in ("base", "balm"):
+        raise RebmError(f"bench train: unknown variant '{variant}' (base, balm or ralm)")
+    cfg = load_subsection(LMVariantConfig, f"train_lm.{variant}", params)
+    if cfg.arch is None:
+        raise RebmError(f"bench train: train_lm.{variant} loads `init`; benchmark a from-scratch arch instead")
+    return build_gpt2(cfg.arch, vocab_size, 0), lm_flops_per_token(gpt2_config(cfg.arch, vocab_size, 0), seq_len), cfg.optim
+
+
+def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup: int = 2) -> dict:
+    """Training tokens/s and achieved GFLOP/s of a `train_lm` variant, in fp32 and bf16 autocast,
+    against the matrix-multiply peak of each dtype measured in the same run."""
+    from pipeline.core.precision import resolve_device
+    from pipeline.training.loop import optimizer_for
+
+    if steps < 1:
+        raise RebmError("bench train: --steps must be at least 1")
+    device = resolve_device(load_device(params))
+    tok = load_section(TokenizeConfig, "tokenize", params)
+    vocab_size, seq_len = tok.vocab_size, tok.seq_len
+    torch.manual_seed(0)
+    model, flops_per_token, optim = _bench_model(params, variant, vocab_size, seq_len)
+    model.to(device).train()
+    batch = torch.randint(0, vocab_size, (optim.batch_size, seq_len), device=device)
+    tokens_per_step = optim.batch_size * (seq_len - 1)
+
+    report: dict = {
+        "variant": variant,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": optim.batch_size,
+        "seq_len": seq_len,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_gflop_per_token": flops_per_token / 1e9,
+        "timed_steps": steps,
+        "matmul_peak_gflops": {},
+        "train": {},
+    }
+    for name, dtype in PRECISIONS.items():
+        report["matmul_peak_gflops"][name] = round(matmul_peak_gflops(device, dtype), 1)
+    for name, dtype in PRECISIONS.items():
+        optimizer = optimizer_for(model, optim)
+        times = []
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        step_s = sorted(times)[len(times) // 2]  # median
+        gflops = flops_per_token * tokens_per_step / step_s / 1e9
+        report["train"][name] = {
+            "step_seconds": round(step_s, 4),
+            "tokens_per_s": round(tokens_per_step / step_s, 1),
+            "achieved_gflops": round(gflops, 1),
+            "fraction_of_own_peak": round(gflops / report["matmul_peak_gflops"][name], 3),
+            "fraction_of_fp32_peak": round(gflops / report["matmul_peak_gflops"]["fp32"], 3),
+        }
+    report["bf16_speedup"] = round(report["train"]["fp32"]["step_seconds"] / report["train"]["bf16"]["step_seconds"], 3)
+    return report
+
+
+# --------------------------------------------------------------------------- data-parallel training benchmark
+def _bench_lm_loss(device: torch.device, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    batch = batch.to(device, non_blocking=True)
+    return model(input_ids=batch, labels=batch).loss, batch.shape[0] * (batch.shape[1] - 1)
+
+
+def _no_validation(model: torch.nn.Module) -> float:
+    return 0.0
+
+
+def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 2, steps: int = 5,
+                            warmup: int = 2) -> dict:
+    """Training tokens/s of a `train_lm` variant on 1 worker (the plain single process: the
+    baseline) and on `workers` Ray Train workers: same model, same initial weights, same global
+    batch (`optim.batch_size`), through the pipeline's own loop (`pipeline.training.trainer.train`).
+
+    The baseline gets the N-worker run's CPU budget as torch threads (workers x cpus_per_worker);
+    a reference single process with one worker's threads (cpus_per_worker) is timed too, which
+    separates the data-parallel split from how well one process uses several threads. Each run
+    takes `warmup + steps` steps on random windows; the step time is the median of the last
+    `steps` as the loop measures it (forward, backward, gradient all-reduce, clip, AdamW; no
+    validation or checkpointing); `wall_seconds` adds start-up (for Ray: the worker group).
+    `train_loss_mean` (over all steps) is the same across rows up to float rounding when the
+    model has no dropout (dropout masks are drawn per worker) and runs in fp32 (bf16 rounds
+    each worker's partial gradient sums).
+    Opens its own Ray session for the N-worker run (RAY_ADDRESS, else a local Ray).
+    """
+    import copy
+    import functools
+    import tempfile
+
+    from pipeline.core.config import OptimConfig
+    from pipeline.core.precision import resolve_device, resolve_precision
+    from pipeline.training.distributed import cluster_for, training_device
+    from pipeline.training.loop import ShuffledBatches
+    from pipeline.training.trainer import train
+
+    if workers < 2:
+        raise RebmError("bench train: --workers must be at least 2 to compare with the 1-worker baseline")
+    if steps < 1:
+        raise RebmError("bench train: --steps must be at least 1")
+    device = resolve_device(load_device(params))
+    tok = load_section(TokenizeConfig, "tokenize", params)
+    vocab_size, seq_len = tok.vocab_size, tok.seq_len
+    torch.manual_seed(0)
+    model, _, optim = _bench_model(params, variant, vocab_size, seq_len)
+    data = torch.randint(0, vocab_size, (optim.batch_size * 4, seq_len), generator=torch.Generator().manual_seed(0))
+    total_steps = warmup + steps
+
+    def config(n: int) -> OptimConfig:
+        try:
+            return OptimConfig.model_validate({
+                **optim.model_dump(), "workers": n, "grad_accum": 1, "max_steps": total_steps,
+                "warmup_steps": min(optim.warmup_steps, total_steps - 1), "eval_every": total_steps + 1,
+                "checkpoint_every": total_steps + 1,
+            })
+        except ValueError as exc:
+            raise RebmError(f"bench train --workers {n}: {exc}") from None
+
+    def timed(n: int, threads: int) -> dict:
+        cfg = config(n)
+        run_device = training_device(cfg, device)
+        replica = copy.deepcopy(model).to(device)  # the same initial weights for every run
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="rebm-bench-dp-") as tmp, cluster_for(cfg):
+                result = train(
+                    replica, functools.partial(_bench_lm_loss, run_device),
+                    functools.partial(ShuffledBatches, data, cfg.batch_size, 0), _no_validation, cfg,
+                    checkpoint_dir=Path(tmp), seed=0, device=run_device, desc=f"bench {n} worker(s)",
+                )
+        finally:
+            torch.set_num_threads(saved_threads)
+        wall = time.perf_counter() - started
+        step_s = sorted(result.step_seconds[-steps:])[steps // 2]
+        return {
+            "workers": n,
+            "device": str(run_device),
+            "torch_threads_per_worker": threads,
+            "rows_per_worker_per_step": cfg.batch_size // n,
+            "step_seconds": round(step_s, 4),
+            "tokens_per_s": round(optim.batch_size * (seq_len - 1) / step_s, 1),
+            "train_loss_mean": round(result.curve[-1]["train_loss"], 6),
+            "wall_seconds": round(wall, 1),
+        }
+
+    per_worker = optim.cpus_per_worker
+    budget = workers * per_worker
+    report: dict = {
+        "variant": variant,
+        "batch_size": optim.batch_size,
+        "seq_len": seq_len,
+        "precision": resolve_precision(optim.precision, device),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "timed_steps": steps,
+        "baseline": "workers_1",
+        "runs": {"workers_1": timed(1, budget), f"workers_{workers}": timed(workers, per_worker)},
+    }
+    if per_worker != budget:
+        report["runs"][f"reference_workers_1_threads_{per_worker}"] = timed(1, per_worker)
+    base, scaled = report["runs"]["workers_1"], report["runs"][f"workers_{workers}"]
+    report["speedup_vs_baseline"] = round(scaled["tokens_per_s"] / base["tokens_per_s"], 3)
+    return report
