@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.core.errors import RebmError
+from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS
 
 app = typer.Typer(
     name="rebm",
@@ -86,7 +87,7 @@ def negatives(
 @_user_errors
 def train_lm(
     dataset: DatasetArg,
-    variant: Annotated[str, typer.Argument(help="base, balm or ralm (ralm needs the trained base)")],
+    variant: Annotated[str, typer.Argument(help=f"{', '.join(LM_VARIANTS)} (ralm needs the trained base)")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train a causal LM on the train windows: the base LM, BALM, or RALM; writes models/<dataset>/lm/<variant>."""
@@ -109,7 +110,7 @@ def pretrain_mlm(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")
 @_user_errors
 def train_ebm(
     dataset: DatasetArg,
-    variant: Annotated[str, typer.Argument(help="unit, bit or bit_star")],
+    variant: Annotated[str, typer.Argument(help=", ".join(ENERGY_VARIANTS))],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train an energy model by conditional NCE against the base LM's samples; writes models/<dataset>/energy/<variant>."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,91 @@ def test_missing_or_broken_params_file(tmp_path: Path) -> None:
 def test_hf_source_defaults() -> None:
     spec = HFSource(source="hf", path="cc_news")
     assert (spec.split, spec.text_column, spec.streaming, spec.rows_per_doc) == ("train", "text", True, 1)
+
+
+# --------------------------------------------------------------------------- the whole file
+def test_every_params_file_validates_whole() -> None:
+    from pipeline.core.config import load_params
+
+    for path in [REPO / "params.yaml", *sorted((REPO / "params").glob("*.yaml"))]:
+        params = load_params(path)
+        assert set(params.datasets) and params.train_lm.base.optim.max_steps > 0, path
+
+
+def test_the_root_model_holds_the_cross_section_rules(tmp_path: Path) -> None:
+    import yaml
+
+    from pipeline.core.config import load_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train_lm"]["ralm"]["arch"]["n_positions"] = raw["tokenize"]["seq_len"] - 1
+    raw["negatives"]["top_k"] = 10
+    del raw["negatives"]["samples"]["news"]["valid"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RebmError) as info:
+        load_params(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: ")
+    for key in ("train_lm.ralm.arch.n_positions", "negatives.top_k", "negatives.samples.news.valid"):
+        assert key in message, (key, message)
+
+
+def _fields(model, node, where):
+    """(key, code default or MISSING, value in params or MISSING) for every leaf field of `model`."""
+    import typing
+
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    for name, field in model.model_fields.items():
+        key, value = f"{where}.{name}", node.get(name, MISSING) if isinstance(node, dict) else MISSING
+        sub = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if sub is not None and isinstance(value, dict):
+            yield from _fields(sub, value, key)
+            continue
+        default = MISSING
+        if field.default is not PydanticUndefined or field.default_factory is not None:
+            default = field.get_default(call_default_factory=True)
+            default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+            default = list(default) if isinstance(default, tuple) else default
+        yield key, default, value
+
+
+MISSING = object()
+
+
+def test_no_code_default_contradicts_params_yaml() -> None:
+    # A default of None means "not set" (e.g. train_ebm.unit.init: the pipeline initialises unit);
+    # every other default must be what params.yaml says, so deleting a key changes nothing.
+    import yaml
+
+    from pipeline.core.config import KeyedSections, Params, Section
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    text = (REPO / "params.yaml").read_text()
+    contradictions, unnamed = [], []
+    for name, field in Params.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, Section)):
+            continue
+        parts = ({k: f.annotation for k, f in model.model_fields.items()} if issubclass(model, KeyedSections)
+                 else {"": model})
+        for key, sub in parts.items():
+            node = raw[name][key] if key else raw[name]
+            for where, default, value in _fields(sub, node, f"{name}.{key}" if key else name):
+                if value is MISSING:
+                    if not re.search(rf"\b{where.rsplit('.', 1)[1]}\b", text):
+                        unnamed.append(where)
+                elif default is not MISSING and default is not None and default != value:
+                    contradictions.append(f"{where}: code {default!r}, params.yaml {value!r}")
+    assert not contradictions, contradictions
+    assert not unnamed, f"keys only the code knows (name them in params.yaml, at least in a comment): {unnamed}"
+
+
+def test_the_defaults_check_sees_a_contradiction() -> None:
+    from pipeline.core.config import GenerateConfig
+
+    found = {k: (d, v) for k, d, v in _fields(GenerateConfig, {"shard_sequences": 999}, "generate")}
+    assert found["generate.shard_sequences"] == (256, 999)

@@ -59,7 +59,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = {
         "seed": 3, "device": "cpu",
         "tokenize": {"vocab_size": 300, "prefix_len": PREFIX, "seq_len": SEQ, "stride": SEQ},
-        "energy": {"bit": {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}},
+        "energy": {"bit": {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}},
         "pretrain_mlm": {"optim": optim(10)},
         "train_ebm": {
             "unit": {"optim": optim(40)},

@@ -189,7 +189,7 @@ class TransformerArch(Section):
     n_head: int = Field(gt=0)
     d_model: int = Field(gt=0)
     d_ff: int = Field(gt=0)
-    dropout: float = Field(default=0.1, ge=0, lt=1)
+    dropout: float = Field(ge=0, lt=1)  # no default: params.yaml gives BALM 0.0, the rest 0.1
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransformerArch:
@@ -365,8 +365,8 @@ class PositionEvalConfig(Section):
 
     energies: list[EnergyVariant] = Field(default_factory=lambda: ["bit_star"])
     windows: int = Field(default=2, ge=0)
-    samples: int = Field(default=16, ge=2)
-    exact_last_windows: int | dict[str, Annotated[int, Field(ge=0)]] = 0
+    samples: int = Field(default=64, ge=2)
+    exact_last_windows: int | dict[str, Annotated[int, Field(ge=0)]] = 1
 
     def exact_last_for(self, dataset: str) -> int:
         if isinstance(self.exact_last_windows, int):
@@ -414,7 +414,7 @@ class EvaluateConfig(Section):
     energies: list[EnergyVariant] = Field(default_factory=lambda: ["unit", "bit", "bit_star"])
     windows: int | None = Field(default=8, gt=0)
     n_eval: dict[EnergyVariant, Annotated[int, Field(ge=2)]] = Field(
-        default_factory=lambda: {"unit": 64, "bit": 64, "bit_star": 512})
+        default_factory=lambda: {"unit": 64, "bit": 64, "bit_star": 4096})
     convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
@@ -455,11 +455,105 @@ class GenerateConfig(Section):
     energy: EnergyVariant = "bit_star"
     n_gen: int = Field(default=32, ge=2)
     top_k: int = Field(default=10, ge=0)
-    windows: int | None = Field(default=None, gt=0)
+    windows: int | None = Field(default=32, gt=0)
     shard_windows: int = Field(default=8, gt=0)
     density_bins: int = Field(default=40, ge=5)
     precision: Precision = "auto"
     batch_size: int = Field(default=64, gt=0)
-    shard_sequences: int = Field(default=512, gt=0)
+    shard_sequences: int = Field(default=256, gt=0)
     num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
+
+
+# --------------------------------------------------------------------------- the whole file
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+
+
+class KeyedSections(Section):
+    """A section of independent per-key models: each stage reads one key (`train_lm.base`), so
+    each key validates on its own and an edit to one does not rerun another's stage."""
+
+
+class EnergyArchs(KeyedSections):
+    """`energy`: architectures of the energy bodies the pipeline builds (BIT's encoder)."""
+
+    bit: EncoderArch
+
+
+class TrainLMConfig(KeyedSections):
+    """`train_lm`: one entry per causal-LM variant (core.variants.LM_VARIANTS)."""
+
+    base: LMVariantConfig
+    balm: LMVariantConfig
+    ralm: RalmConfig
+
+
+class Params(Section):
+    """A whole params file: every section, and the rules that span sections.
+
+    Stages load only the sections they declare in dvc.yaml (`load_section`), so an edit
+    elsewhere does not rerun them; `rebm plan` and the tests validate the whole file with this
+    model, and `cross_section_problems` is the one place a rule over two sections lives.
+    """
+
+    seed: int = Field(strict=True)
+    device: Device = "auto"
+    datasets: dict[str, DatasetSource] = Field(min_length=1)
+    ingest: IngestConfig
+    tokenize: TokenizeConfig
+    negatives: NegativesConfig
+    energy: EnergyArchs
+    train_lm: TrainLMConfig
+    pretrain_mlm: PretrainMLMConfig
+    train_ebm: TrainEBMConfig
+    evaluate: EvaluateConfig
+    generate: GenerateConfig
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        problems = cross_section_problems(self.model_dump(), list(self.datasets),
+                                          {"tokenize": self.tokenize, "negatives": self.negatives,
+                                           "train_lm": {k: getattr(self.train_lm, k) for k in TrainLMConfig.model_fields}})
+        if problems:
+            raise ValueError("; ".join(f"{where}: {message}" for where, message in problems))
+        return self
+
+
+NEGATIVE_SPLITS = ("train", "valid")  # train_ebm reads these; evaluate draws its own test samples (evaluate.n_eval)
+
+
+def cross_section_problems(raw: dict[str, Any], datasets: list[str], sections: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rules that span sections, as (key, message): what a stage would otherwise only find out
+    after hours of work. `sections` holds whatever validated (a section that failed is absent
+    or None), `raw` the file as read, so the rules run even when another key is wrong."""
+    problems: list[tuple[str, str]] = []
+    tok, neg = sections.get("tokenize"), sections.get("negatives")
+    raw_tok = raw.get("tokenize")
+    seq_len = tok.seq_len if tok is not None else raw_tok.get("seq_len") if isinstance(raw_tok, dict) else None
+    if isinstance(seq_len, int):  # checked even when another tokenize key is wrong
+        for variant, cfg in (sections.get("train_lm") or {}).items():
+            arch = getattr(cfg, "arch", None)
+            if arch is not None and arch.n_positions < seq_len:
+                problems.append((f"train_lm.{variant}.arch.n_positions",
+                                 f"{arch.n_positions} positions cannot hold a window of tokenize.seq_len={seq_len}"))
+    if neg is not None:
+        if neg.top_k:
+            problems.append(("negatives.top_k", f"{neg.top_k}: conditional NCE needs samples from the full LM "
+                             "distribution (top_k: 0): with top-k noise the energy would not correct P_LM (Eq. 3)"))
+        for ds in datasets:
+            per_split = neg.samples.get(ds)
+            if per_split is None:
+                problems.append((f"negatives.samples.{ds}", f"missing (n per split for dataset '{ds}')"))
+                continue
+            for split in NEGATIVE_SPLITS:
+                if split not in per_split:
+                    problems.append((f"negatives.samples.{ds}.{split}", f"missing (train_ebm reads the {split} samples)"))
+    return problems
+
+
+def load_params(path: Path = DEFAULT_PARAMS) -> Params:
+    """The whole params file, validated (every section and the cross-section rules)."""
+    try:
+        return Params.model_validate(read_params(path))
+    except ValidationError as exc:
+        raise RebmError(_format_validation_error(Path(path), "", exc).replace(": .", ": ")) from None

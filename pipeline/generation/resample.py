@@ -5,7 +5,7 @@ sampling, score s_i = E_θ(x_i), return x_i with probability exp(−s_i) / Σ_j 
 It is self-normalised importance sampling with the LM as proposal: the target is
 P_LM · exp(−E) / Z, so the importance weight of an LM sample is exp(−E) (the LM factor
 cancels). Real text gets LOW energy, so the minus sign makes low-energy samples win
-(DESIGN.md: a public follow-up shipped +E, which picks the most machine-like sample).
+(docs/design.md: a public follow-up shipped +E, which picks the most machine-like sample).
 
 Randomness is counter-based like the rest of the pipeline: the uniform that resamples the
 window `window_id` is a hash of (seed, window_id) from `pipeline.sampling.sampler.sample_uniforms`,

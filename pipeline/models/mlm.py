@@ -2,7 +2,7 @@
 
 The paper's BIT rows start from RoBERTa; offline we pretrain the same kind of encoder on the
 train windows first (stage `pretrain_mlm`, `pipeline.training.mlm`), because a from-scratch BIT trained by NCE alone
-never leaves chance (DESIGN.md). The encoder reuses the LM's token ids and adds two special
+never leaves chance (docs/design.md). The encoder reuses the LM's token ids and adds two special
 tokens — padding and mask — after them, so an LM window feeds it id for id.
 
 It is a BERT-architecture encoder trained RoBERTa-style (dynamic masking, MLM only): BERT's

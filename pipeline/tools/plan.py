@@ -40,7 +40,6 @@ from pipeline.core.errors import RebmError
 from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS
 
 SPLITS = ("train", "valid", "test")
-NEGATIVE_SPLITS = ("train", "valid")  # evaluate draws its own test samples (evaluate.n_eval)
 FORMULAS = {
     "train": "6·N·tokens",
     "forward": "2·N·tokens",
@@ -55,20 +54,16 @@ FORMULA_NOTE = (
 BPE_TOKENIZER = "byte-level BPE trained on train split"  # what stage tokenize records
 
 # --------------------------------------------------------------------------- validation
-# Sections validated whole by one model; `energy` and `train_lm` hold one model per key.
-SECTION_MODELS: dict[str, type[BaseModel]] = {
-    "ingest": C.IngestConfig,
-    "tokenize": C.TokenizeConfig,
-    "negatives": C.NegativesConfig,
-    "pretrain_mlm": C.PretrainMLMConfig,
-    "train_ebm": C.TrainEBMConfig,
-    "evaluate": C.EvaluateConfig,
-    "generate": C.GenerateConfig,
-}
-SUBSECTION_MODELS: dict[str, dict[str, type[BaseModel]]] = {
-    "energy": {"bit": C.EncoderArch},
-    "train_lm": {"base": C.LMVariantConfig, "balm": C.LMVariantConfig, "ralm": C.RalmConfig},
-}
+# The sections of C.Params: validated whole by one model, or (`energy`, `train_lm`) one model per key.
+SECTION_MODELS: dict[str, type[BaseModel]] = {}
+SUBSECTION_MODELS: dict[str, dict[str, type[BaseModel]]] = {}
+for _name, _field in C.Params.model_fields.items():
+    _model = _field.annotation
+    if isinstance(_model, type) and issubclass(_model, C.Section):
+        if issubclass(_model, C.KeyedSections):
+            SUBSECTION_MODELS[_name] = {k: f.annotation for k, f in _model.model_fields.items()}
+        else:
+            SECTION_MODELS[_name] = _model
 REQUIRED = ("seed", "datasets", *SECTION_MODELS, *SUBSECTION_MODELS)
 _SOURCE = TypeAdapter(C.DatasetSource)
 
@@ -188,29 +183,8 @@ def validate_params(path: Path) -> Validated:
 
 
 def _cross_checks(v: Validated) -> None:
-    """Rules that span sections: what a stage would otherwise only find out after hours of work."""
-    tok, neg = v.sections.get("tokenize"), v.sections.get("negatives")
-    lms = v.sections.get("train_lm") or {}
-    raw_tok = v.raw.get("tokenize")
-    seq_len = tok.seq_len if tok is not None else raw_tok.get("seq_len") if isinstance(raw_tok, dict) else None
-    if isinstance(seq_len, int):  # checked even when another tokenize key is wrong
-        for variant, cfg in lms.items():
-            arch = getattr(cfg, "arch", None)
-            if arch is not None and arch.n_positions < seq_len:
-                v.error(f"train_lm.{variant}.arch.n_positions",
-                        f"{arch.n_positions} positions cannot hold a window of tokenize.seq_len={seq_len}")
-    if neg is not None:
-        if neg.top_k:
-            v.error("negatives.top_k", f"{neg.top_k}: conditional NCE needs samples from the full LM distribution "
-                    "(top_k: 0): with top-k noise the energy would not correct P_LM (Eq. 3)")
-        for ds in v.datasets:
-            per_split = neg.samples.get(ds)
-            if per_split is None:
-                v.error(f"negatives.samples.{ds}", f"missing (n per split for dataset '{ds}')")
-                continue
-            for split in NEGATIVE_SPLITS:
-                if split not in per_split:
-                    v.error(f"negatives.samples.{ds}.{split}", f"missing (train_ebm reads the {split} samples)")
+    for where, message in C.cross_section_problems(v.raw, list(v.datasets), v.sections):
+        v.error(where, message)
 
 
 # --------------------------------------------------------------------------- model sizes
