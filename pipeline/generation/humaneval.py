@@ -7,10 +7,11 @@ four comparisons as an attention check and drop responses if the turker did not 
 check." (A.4) Table 2 reports, per model pair, the percentage of sentences whose majority
 prefers one model, with a one-sided binomial p-value.
 
-`export_sheet` writes the sheet a rater fills in (a self-contained HTML page; its inline
-script downloads the rater's votes as CSV) and `pairs.csv`, the key that says which system is
-behind each side. `score_votes` reads the key and the votes, drops raters who fail an
-attention check and computes Table 2.
+`export_sheet` writes the sheet a rater fills in (a self-contained HTML page, rendered from
+templates/sheet.html.j2 with sheet.css and sheet.js inlined; its script downloads the rater's
+votes as CSV) and `pairs.csv`, the key that says which system is behind each side.
+`score_votes` reads the key and the votes, drops raters who fail an attention check and
+computes Table 2.
 
 Attention checks. The paper does not say what its known-answer comparison was. It is NOT
 real text vs an LM sample: the paper's own qualification task shows that even the kept raters
@@ -28,14 +29,17 @@ rest of the pipeline: the same seed and data always give the same sheet.
 from __future__ import annotations
 
 import csv
+import functools
 import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pyarrow as pa
+from markupsafe import Markup
 
 from pipeline.core.errors import RebmError
 from pipeline.core.io import atomic_output
@@ -258,98 +262,46 @@ def _attention_item(
     )
 
 
-_CSS = """
-body{font-family:Georgia,serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45;color:#222}
-header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ccc;padding:.5rem 0;z-index:1}
-.page{border:1px solid #ddd;border-radius:6px;margin:1.5rem 0;padding:0 1rem 1rem}
-.item{border-top:1px dashed #ccc;padding-top:.75rem;margin-top:.75rem}
-.prefix{background:#f6f6f6;padding:.5rem;border-radius:4px;white-space:pre-wrap}
-.choices{display:grid;grid-template-columns:1fr 1fr;gap:1rem}
-.choice{display:block;border:2px solid #ccc;border-radius:6px;padding:.5rem;cursor:pointer;white-space:pre-wrap}
-.choice:has(input:checked){border-color:#2a7;background:#efe}
-.tag{font-weight:bold;font-family:sans-serif}
-button{font-size:1rem;padding:.3rem .8rem}
-"""
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The sheet's template folder (sheet.html.j2 inlines sheet.css and sheet.js)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(("html", "html.j2")),
+    )
 
-_JS = """
-(function(){
-  var KEY = "rebm-humaneval-" + document.body.dataset.sheet;
-  var inputs = document.querySelectorAll("input[type=radio]");
-  var total = document.querySelectorAll(".item").length;
-  var rater = document.getElementById("rater");
-  function answered(){ return document.querySelectorAll("input[type=radio]:checked"); }
-  function save(){
-    var state = {rater: rater.value, votes: {}};
-    answered().forEach(function(i){ state.votes[i.name] = i.value; });
-    try { localStorage.setItem(KEY, JSON.stringify(state)); } catch (e) {}
-    document.getElementById("progress").textContent = answered().length + " / " + total + " answered";
-  }
-  try {
-    var state = JSON.parse(localStorage.getItem(KEY) || "null");
-    if (state) {
-      rater.value = state.rater || "";
-      Object.keys(state.votes).forEach(function(k){
-        var el = document.querySelector("input[name='" + k + "'][value='" + state.votes[k] + "']");
-        if (el) el.checked = true;
-      });
-    }
-  } catch (e) {}
-  inputs.forEach(function(i){ i.addEventListener("change", save); });
-  rater.addEventListener("input", save);
-  function q(s){ return '"' + String(s).replace(/"/g, '""') + '"'; }
-  document.getElementById("download").addEventListener("click", function(){
-    var id = rater.value.trim();
-    if (!id) { alert("Please enter your rater id first."); rater.focus(); return; }
-    var done = answered();
-    if (done.length < total && !confirm((total - done.length) + " comparisons are unanswered. Download anyway?")) return;
-    var lines = ["rater_id,pair_id,choice"];
-    done.forEach(function(i){ lines.push([q(id), q(i.name), q(i.value)].join(",")); });
-    var blob = new Blob([lines.join("\\n") + "\\n"], {type: "text/csv"});
-    var a = document.createElement("a");
-    a.href = URL.createObjectURL(blob);
-    a.download = "votes-" + id.replace(/[^A-Za-z0-9_-]/g, "_") + ".csv";
-    document.body.appendChild(a); a.click(); a.remove();
-  });
-  save();
-})();
-"""
+
+def _esc(text: str) -> Markup:
+    """html.escape, marked safe for the template: the sheet's escaping stays html.escape's
+    (&quot; &#x27;), not markupsafe's (&#34; &#39;), whatever autoescaping would do."""
+    return Markup(html.escape(text))
 
 
 def render_sheet(items: Sequence[_Item], ids: Sequence[str], title: str, sheet_id: int = 0) -> str:
-    """The self-contained HTML sheet: inline CSS and JS, no external assets, no system names."""
-    esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head>",
-        f'<body data-sheet="{sheet_id:016x}">',
-        "<header>",
-        f"<h1>{esc(title)}</h1>",
-        "<p>Each comparison shows the beginning of a text and two possible continuations, A and B. "
-        "Read the beginning, then choose the continuation that follows it better: more fluent, more "
-        "coherent with the beginning and more like something a person would write. Some comparisons "
-        "check attention: one side is plainly wrong. Your choices are kept in this browser; when you "
-        "are done, download them and send the file back.</p>",
-        '<p><label>Rater id: <input id="rater" autocomplete="off"></label> '
-        '<button id="download" type="button">Download votes (CSV)</button> '
-        '<span id="progress"></span></p>',
-        "</header>",
+    """The self-contained HTML sheet (templates/sheet.html.j2): inline CSS and JS, no external
+    assets, no system names."""
+    pages = [
+        {
+            "number": page + 1,
+            "entries": [
+                {
+                    "id": _esc(ids[k]),
+                    "prefix": _esc(items[k].prefix),
+                    "choices": [
+                        {"side": side, "text": _esc(text.strip())}
+                        for side, text in (("A", items[k].text_a), ("B", items[k].text_b))
+                    ],
+                }
+                for k in range(page * ITEMS_PER_PAGE, min((page + 1) * ITEMS_PER_PAGE, len(items)))
+            ],
+        }
+        for page in range(-(-len(items) // ITEMS_PER_PAGE))
     ]
-    n_pages = -(-len(items) // ITEMS_PER_PAGE)
-    for page in range(n_pages):
-        parts.append(f'<section class="page"><h2>Page {page + 1} of {n_pages}</h2>')
-        for k in range(page * ITEMS_PER_PAGE, min((page + 1) * ITEMS_PER_PAGE, len(items))):
-            it, pid = items[k], esc(ids[k])
-            parts.append(f'<div class="item" id="{pid}"><p class="prefix">{esc(it.prefix)}</p><div class="choices">')
-            for side, text in (("A", it.text_a), ("B", it.text_b)):
-                parts.append(
-                    f'<label class="choice"><input type="radio" name="{pid}" value="{side}" required> '
-                    f'<span class="tag">{side}</span>\n{esc(text.strip())}</label>'
-                )
-            parts.append("</div></div>")
-        parts.append("</section>")
-    parts.append(f"<script>{_JS}</script></body></html>")
-    return "\n".join(parts) + "\n"
+    return _templates().get_template("sheet.html.j2").render(
+        title=_esc(title), sheet_id=f"{sheet_id:016x}", pages=pages
+    )
 
 
 # --------------------------------------------------------------------------- scoring
