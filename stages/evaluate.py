@@ -3,7 +3,7 @@
     LMs      exact continuation perplexity of base, BALM, RALM
     joint    UNIT / BIT / BIT* perplexity ranges, log Z from n_eval[energy] base-LM samples per
              prefix drawn here, with a convergence verdict, the self-normalised perplexity and
-             bootstrap intervals (pipeline/estimation/evaluation.py)
+             bootstrap intervals (pipeline/estimation/)
     Fig. 2   the range against the number of samples used, doubling n up to n_eval
     Fig. 1   per-position perplexity by Eq. 5 on a subset of windows, the last position also
              exactly, by scoring every vocabulary token

@@ -2,8 +2,8 @@
 
 Pure array code on top of the estimators of `pipeline.estimation.joint`: the evaluate stage's work
 (`pipeline.estimation.evaluation_work`) gathers the inputs and `pipeline.estimation.evaluation_summary` combines
-them with these into Table 1 and the figures. The seeds of evaluate's LM samples live here so
-that every stage that needs them derives them the same way. Shapes: N test windows of T
+them with these into Table 1 and the figures. The seeds of evaluate's LM samples are in
+`pipeline.core.seeds`, with every other derived seed. Shapes: N test windows of T
 tokens, prefix p, L = T − p.
 """
 

@@ -3,7 +3,7 @@
 Every part is saved in the stage's `ArrayCheckpoint` under a fingerprint of what it depends on
 (the windows, the models' bytes, the settings that change its numbers), so a killed run
 resumes at the first missing part and a changed input recomputes only what it touches.
-`pipeline.estimation.evaluation.summarise` turns the arrays into Table 1 and the figures.
+`pipeline.estimation.evaluation_summary.summarise` turns the arrays into Table 1 and the figures.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def repetition_rate(
 
 
 def joint_log_likelihood(lm_logprob: Any, energy: Any, log_z: Any = 0.0) -> np.ndarray:
-    """log P(x | prefix) = log P_LM(x | prefix) − E(x) − log Z(prefix) (the residual EBM, Eq. 1).
+    """log P(x | prefix) = log P_LM(x | prefix) − E(x) − log Z(prefix) (the residual EBM, Eq. 2).
 
     With log_z omitted (0) the value is exact up to the per-prefix constant log Z; a
     difference of means between sources scored on the SAME prefixes is then exact, because
