@@ -258,7 +258,7 @@ def project(in_tmp: Path) -> Path:
         "tokenize": {"pretrained": None, "vocab_size": 300, "min_frequency": 2, "prefix_len": P, "seq_len": T,
                      "stride": 8},
         "device": "cpu",
-        "energy": {"bit": {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}},
+        "energy": {"bit": {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}},
         "train_lm": {
             "base": {"init": None, "arch": _tiny_arch(), "optim": _tiny_optim()},
             "balm": {"init": None, "arch": _tiny_arch(48), "optim": _tiny_optim()},

@@ -19,6 +19,14 @@ Three steps, each pure apart from reading files: `collect` gathers the stages' o
 `ReportInputs`, `make_figures` draws the PNGs, `render_markdown` / `render_html` write the
 page (the HTML is the Markdown converted by markdown-it-py, with the PNGs inlined as base64
 data URIs and inline CSS: one file, no external resource).
+
+The document text lives in Jinja2 templates next to this module, in templates/: report.md.j2
+is the Markdown skeleton (headings, fixed paragraphs, figure captions, the order of sections),
+filled from the _*.md.j2 partials (one per larger section, _macros.md.j2 the table and figure
+blocks), and report.html.j2 is the HTML page with its CSS. This module computes what they show
+(numbers, table rows as ready Markdown cells, figures) and passes it as plain values; the
+templates escape free text with the `md` filter (md_escape), report.html.j2 is autoescaped, and
+a variable a template names but is not given is an error (StrictUndefined).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import base64
 import csv
 import datetime
+import functools
 import hashlib
 import html
 import importlib.metadata
@@ -40,7 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
+from markupsafe import Markup
 
 from pipeline.core.config import read_params
 from pipeline.core.errors import RebmError
@@ -527,6 +538,8 @@ def make_figures(inputs: ReportInputs) -> dict[str, bytes]:
 
 
 # --------------------------------------------------------------------------- markdown
+TEMPLATES = Path(__file__).parent / "templates"
+DIRTY_FILES_SHOWN = 5
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~#])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -538,6 +551,29 @@ def md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", _CONTROL.sub("\ufffd", one_line))
 
 
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """templates/: *.md.j2 as plain text (the `md` filter escapes), *.html.j2 autoescaped; a
+    variable a template names but is not given is an error."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False, default=False),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["md"] = md_escape
+    env.globals.update(figures_dir=FIGURES_DIR, not_converged=NOT_CONVERGED, dirty_files_shown=DIRTY_FILES_SHOWN)
+    return env
+
+
+def render_template(name: str, **context: Any) -> str:
+    return _templates().get_template(name).render(**context)
+
+
+def _lines(block: str) -> list[str]:
+    """A rendered block (ending with its blank line) as lines, the last one "" as before."""
+    return block.split("\n")[:-1]
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -546,14 +582,6 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def _figure(name: str, alt: str, caption: str) -> list[str]:
-    return [f"![{md_escape(alt)}]({FIGURES_DIR}/{name})", "", f"*{caption}*", ""]
 
 
 def _n_eval(evaluation: dict, energy: str) -> Any:
@@ -572,15 +600,13 @@ def _joint_gain(j: dict) -> str:
     return f"{j['vs_base_pct_low']:+.2f}% … {j['vs_base_pct_high']:+.2f}%"
 
 
-def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
+def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     """Table 1 with the datasets side by side: exact LM perplexity, joint [low–high] ranges with
-    their convergence verdict, then the reference points beside them."""
+    their convergence verdict; a note per dataset (windows, n, the convergence rule)."""
     lms = [v for v in LM_VARIANTS if any(v in d.evaluation.get("perplexity", {}) for d in datasets)]
     lms += sorted({v for d in datasets for v in d.evaluation.get("perplexity", {})} - set(lms))
     joints = [v for v in ENERGY_VARIANTS if any(v in d.evaluation.get("joint", {}) for d in datasets)]
     joints += sorted({v for d in datasets for v in d.evaluation.get("joint", {})} - set(joints))
-    header = ["model", "parameters"] + [c for d in datasets
-                                        for c in (f"{d.name}: test ppl", f"{d.name}: log Z", f"{d.name}: vs BASE LM")]
     rows = []
 
     def params_cell(values: list[str]) -> str:
@@ -611,30 +637,20 @@ def table1_lines(datasets: Sequence[DatasetResults]) -> list[str]:
                               f"+{format_parameters(j['energy_parameters'])}")
             cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}", verdict_label(j), _joint_gain(j)]
         rows.append([display_name(v), params_cell(params), *cells])
-    lines = _table(header, rows)
-    lines.append("")
-    for d in datasets:
-        ev = d.evaluation
-        energies = _ordered(ev.get("joint", {}))
-        n = ", ".join(f"{_n_eval(ev, e)} ({display_name(e)})" for e in energies) or "?"
-        rule = ""
-        if "convergence_rule" in ev:
-            rule = (f" log Z convergence rule (ε = {ev.get('convergence_epsilon', '?')} nats): "
-                    f"{md_escape(ev['convergence_rule'].rstrip('.'))}.")
-        lines.append(
-            f"- **{md_escape(d.name)}**: {_windows_used(ev)} test windows, "
-            f"{ev.get('continuation_tokens', '?')} continuation tokens; joint ranges with log Z from "
-            f"n = {n} BASE LM samples per prefix (lower end T_n, upper end U_n, Eq. 4).{rule}"
-        )
-    lines.append("")
-    return lines
+    notes = [{"name": d.name, "windows": _windows_used(ev), "tokens": ev.get("continuation_tokens", "?"),
+              "n_eval": ", ".join(f"{_n_eval(ev, e)} ({display_name(e)})" for e in _ordered(ev.get("joint", {})))
+              or "?",
+              "epsilon": ev.get("convergence_epsilon", "?"),
+              "rule": ev["convergence_rule"].rstrip(".") if "convergence_rule" in ev else None}
+             for d in datasets for ev in [d.evaluation]]
+    return {"names": [d.name for d in datasets], "rows": rows, "notes": notes}
 
 
 def _ratio(value: float, base: float | None, ci: Sequence[float] | None, level: str) -> str:
     return "—" if not base else f"{value / base:.3f}, {ci_text(ci, level)}"
 
 
-def reference_lines(datasets: Sequence[DatasetResults]) -> list[str]:
+def _reference(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     """Beside Table 1: each model's perplexity ratio to BASE LM with its bootstrap interval, and
     what a joint model's perplexity would be were its energy self-normalised (log Z = 0)."""
     rows = []
@@ -656,20 +672,9 @@ def reference_lines(datasets: Sequence[DatasetResults]) -> list[str]:
                 self_normalised = (f"{_fmt(j['self_normalised_ppl'])} "
                                    f"({j['vs_base_pct_self_normalised']:+.2f}% vs BASE LM)")
             rows.append([md_escape(d.name), display_name(v), ratio, self_normalised])
-    notes = [f"- **{md_escape(d.name)}**: paired bootstrap over the test windows, {b['resamples']} resamples "
-             f"(seed {b['seed']}), {ci_level(d.evaluation)} intervals."
+    notes = [{"name": d.name, "resamples": b["resamples"], "seed": b["seed"], "level": ci_level(d.evaluation)}
              for d in datasets if (b := d.evaluation.get("bootstrap")) is not None]
-    return [
-        *_table(["dataset", "model", "ppl / BASE LM ppl, bootstrap CI", "self-normalised, log Z = 0 (Theorem 1)"],
-                rows),
-        "",
-        *notes,
-        *([""] if notes else []),
-        "The self-normalised perplexity takes log Z = 0: at the optimum of NCE the joint model is "
-        "self-normalised (Theorem 1), so this needs no LM samples but holds only as far as training reached "
-        "that optimum; Table 1's range estimates log Z instead.",
-        "",
-    ]
+    return {"rows": rows, "notes": notes}
 
 
 def _windows_used(evaluation: dict) -> str:
@@ -680,8 +685,8 @@ def _windows_used(evaluation: dict) -> str:
     return f"{used} of {available} (evenly spaced)"
 
 
-def last_position_lines(datasets: Sequence[DatasetResults]) -> list[str]:
-    """Figure 1's sanity check: at the last position the sum over the vocabulary is exact."""
+def _last_position(datasets: Sequence[DatasetResults]) -> list[list[str]]:
+    """Figure 1's sanity check (rows): at the last position the sum over the vocabulary is exact."""
     rows = []
     for d in datasets:
         positions = d.evaluation.get("positions", {})
@@ -694,19 +699,10 @@ def last_position_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             rows.append([md_escape(d.name), display_name(e), str(last.get("exact_windows", "?")),
                          _fmt(last["base_ppl_on_exact_windows"]), f"{_fmt(low)}–{_fmt(high)}",
                          _fmt(last["exact_ppl"]), where])
-    if not rows:
-        return ["No exact last-position check was computed (evaluate.positions.exact_last_windows is 0).", ""]
-    return [
-        *_table(["dataset", "joint model", "windows", "BASE LM ppl", "estimated range", "exact ppl",
-                 "exact vs the range"], rows),
-        "",
-        "At the last position the normaliser is a sum over the vocabulary, computed exactly; the estimate "
-        "uses the same LM samples as every other position (Eq. 5 with T_n / U_n), on the same windows.",
-        "",
-    ]
+    return rows
 
 
-def generation_stats_lines(datasets: Sequence[DatasetResults]) -> list[str]:
+def _sample_stats(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     """The §4.3 numbers behind Figures 2 (right) and 3."""
     rows = []
     for d in datasets:
@@ -717,24 +713,16 @@ def generation_stats_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             means = [dens.get(k, {}).get("sources", {}).get(s, {}).get("mean") for k in ("base_lm", "joint")]
             rows.append([md_escape(d.name), SOURCE_NAMES[s], *unique,
                          f"{100 * rep[s]:.2f}%" if s in rep else "—", _fmt(means[0]), _fmt(means[1])])
-    ns = [f"unique {r['n']}-grams %" for r in (datasets[0].unique_ngrams if datasets else [])]
-    lines = _table(["dataset", "text", *ns, "repeated 4-grams (with prefix)", "mean log P_LM",
-                    "mean joint log-lik (up to log Z)"], rows)
-    lines.append("")
-    for d in datasets:
-        g = d.generation
-        ess = g.get("ess", {})
-        lines.append(
-            f"- **{md_escape(d.name)}**: {g.get('windows', '?')} test prefixes, joint = "
-            f"{display_name(g.get('energy', '?'))} resampling {g.get('n_gen', '?')} top-{g.get('top_k', '?')} samples "
-            f"(Algorithm 1); effective sample size mean {_fmt(ess.get('mean'))}, min {_fmt(ess.get('min'))}."
-        )
-    lines.append("")
-    return lines
+    notes = [{"name": d.name, "windows": g.get("windows", "?"), "energy": display_name(g.get("energy", "?")),
+              "n_gen": g.get("n_gen", "?"), "top_k": g.get("top_k", "?"),
+              "ess_mean": _fmt(g.get("ess", {}).get("mean")), "ess_min": _fmt(g.get("ess", {}).get("min"))}
+             for d in datasets for g in [d.generation]]
+    return {"ns": [r["n"] for r in (datasets[0].unique_ngrams if datasets else [])], "rows": rows, "notes": notes}
 
 
-def claims_lines(datasets: Sequence[DatasetResults]) -> list[str]:
-    """Every claim of the paper (pipeline.reporting.claims) with each dataset's verdict, claim by claim."""
+def _claims(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
+    """Every claim of the paper (pipeline.reporting.claims) with each dataset's verdict, claim by
+    claim, and each dataset's (verdict, count) tally."""
     by_claim: dict[str, list[list[str]]] = {}
     counts = []
     for d in datasets:
@@ -742,20 +730,9 @@ def claims_lines(datasets: Sequence[DatasetResults]) -> list[str]:
         for c in claims:
             by_claim.setdefault(c.claim, []).append(
                 [md_escape(c.claim), md_escape(d.name), c.verdict, md_escape(c.evidence), md_escape(c.why) or "—"])
-        tally = ", ".join(f"{v}: {n}" for v in VERDICTS if (n := sum(c.verdict == v for c in claims)))
-        counts.append(f"- **{md_escape(d.name)}**: {tally}.")
-    return [
-        "Each claim of the paper, checked on this run. A comparison between models holds when the point "
-        "estimates say so and the two rows' bootstrap intervals of the ratio to BASE LM do not overlap (a "
-        f"difference inside that noise does not hold); a joint range enters a comparison only when its log Z "
-        f"estimate converged (else: {NOT_CONVERGED}), and the exact last position only when the estimate's own "
-        "LM-sample expectation did.",
-        "",
-        *_table(["claim", "dataset", "verdict", "numbers", "why"], [row for rows in by_claim.values() for row in rows]),
-        "",
-        *counts,
-        "",
-    ]
+        counts.append({"name": d.name,
+                       "tally": [(v, n) for v in VERDICTS if (n := sum(c.verdict == v for c in claims))]})
+    return {"rows": [row for rows in by_claim.values() for row in rows], "counts": counts}
 
 
 def _repetition(generation: dict) -> dict[str, float]:
@@ -779,8 +756,9 @@ def _sample_measures(generation: dict) -> dict[str, dict[str, str]]:
     return measures
 
 
-def before_after_lines(datasets: Sequence[DatasetResults]) -> list[str]:
-    """The sample statistics of an earlier run (baseline_metrics.json) against this run's."""
+def _before_after(datasets: Sequence[DatasetResults]) -> dict[str, Any] | None:
+    """The sample statistics of an earlier run (baseline_metrics.json) against this run's; None
+    without one."""
     rows, notes = [], []
     for d in (d for d in datasets if d.generation_baseline is not None):
         before, after = _sample_measures(d.generation_baseline["metrics"]), _sample_measures(d.generation)
@@ -788,65 +766,29 @@ def before_after_lines(datasets: Sequence[DatasetResults]) -> list[str]:
             was, now = before.get(measure, {}), after.get(measure, {})
             rows.append([md_escape(d.name), measure,
                          *(f"{was.get(s, '—')} → {now.get(s, '—')}" for s in ("base", "joint"))])
-        commit = d.generation_baseline.get("commit")
-        notes.append(f"- **{md_escape(d.name)}**: before = {md_escape(d.generation_baseline['label'])}"
-                     + (f" (commit {md_escape(commit)})" if commit else "") + "; after = this run.")
-    if not rows:
-        return []
-    return ["### Before → after", "",
-            *_table(["dataset", "measure", "BASE LM samples: before → after", "joint samples: before → after"],
-                    rows),
-            "", *notes, ""]
+        notes.append({"name": d.name, "label": d.generation_baseline["label"],
+                      "commit": d.generation_baseline.get("commit")})
+    return {"rows": rows, "notes": notes} if rows else None
 
 
-def examples_lines(d: DatasetResults) -> list[str]:
-    """Example generations laid out as the paper's Tables 5–6 (prefix; BASE LM, worst, joint, gold)."""
+def _examples(d: DatasetResults) -> dict[str, Any]:
+    """Example generations laid out as the paper's Tables 5–6 (prefix; BASE LM, worst, joint, gold):
+    each sample's cells (text, energy, log P_LM)."""
     joint = display_name(d.generation.get("energy", "joint"))
-    short = joint.removeprefix("JOINT ")
-    lines = [f"### {md_escape(d.name)}", ""]
+    windows = []
     for row in d.examples:
         prefix = row["prefix_text"].strip()
-        shown = ("…" + prefix[-PREFIX_CHARS:]) if len(prefix) > PREFIX_CHARS else prefix
-        lines += [f"**Prefix** (test window {row['window_id']}): {md_escape(shown)}", ""]
-        body = [
-            [name, md_escape(row[f"{key}_text"].strip()), f"{row[f'{key}_energy']:.3f}",
-             f"{row[f'{key}_lm_logprob']:.2f}"]
-            for key, name in (("base", "BASE LM"), ("worst", f"{short}-WORST"), ("joint", joint), ("gold", "GOLD"))
-        ]
-        lines += [*_table(["model", "generation", "energy E", "log P_LM"], body), ""]
-    lines += [
-        f"BASE LM: one of the top-k LM samples, drawn uniformly; {short}-WORST: the sample with the highest "
-        f"energy; {joint}: the sample Algorithm 1 resampled with weights exp(−E); GOLD: the real continuation. "
-        f"Prefixes are evenly spaced over the test set; ESS of these: "
-        + ", ".join(f"{r['ess']:.1f}" for r in d.examples) + ".",
-        "",
-    ]
-    return lines
+        windows.append({
+            "window_id": row["window_id"],
+            "prefix": ("…" + prefix[-PREFIX_CHARS:]) if len(prefix) > PREFIX_CHARS else prefix,
+            **{key: [md_escape(row[f"{key}_text"].strip()), f"{row[f'{key}_energy']:.3f}",
+                     f"{row[f'{key}_lm_logprob']:.2f}"] for key in ("base", "worst", "joint", "gold")},
+        })
+    return {"name": d.name, "joint": joint, "short": joint.removeprefix("JOINT "), "windows": windows,
+            "ess": [f"{r['ess']:.1f}" for r in d.examples]}
 
 
-def table2_lines(human: HumanEval) -> list[str]:
-    if human.markdown is not None:
-        return [f"Scored from `{human.pairs}` and {len(human.votes)} votes file(s): "
-                + ", ".join(f"`{v}`" for v in human.votes) + ".", "", human.markdown.rstrip("\n"), ""]
-    if not human.pairs_exist:
-        state = f"No rating sheet exported yet (`{human.pairs}` is absent)."
-    else:
-        state = (f"The rating sheet is exported (`{human.pairs}`) but no votes file is in "
-                 "`reports/humaneval/votes/` yet.")
-    return [
-        f"{state} Table 2 appears here once `{human.pairs}` and at least one votes file "
-        "`reports/humaneval/votes/*.csv` exist:",
-        "",
-        "1. `rebm humaneval export news fiction` writes `reports/humaneval/sheet.html` (the A/B rating "
-        "sheet, 1 comparison in 4 an attention check) and `reports/humaneval/pairs.csv` (the key);",
-        "2. each rater's downloaded CSV (rater_id, pair_id, choice) goes into `reports/humaneval/votes/`;",
-        "3. `rebm report` (or `dvc repro -f report`) scores them; `rebm humaneval score "
-        "reports/humaneval/votes/*.csv` prints the same table.",
-        "",
-    ]
-
-
-def stage_time_lines(times: Sequence[StageTime]) -> list[str]:
+def _stage_times(times: Sequence[StageTime]) -> dict[str, Any]:
     rows, total, recorded = [], 0.0, 0
     for t in times:
         if t.seconds is not None:
@@ -856,63 +798,21 @@ def stage_time_lines(times: Sequence[StageTime]) -> list[str]:
         else:
             cell = t.status
         rows.append([t.stage, cell, f"`{t.path}`"])
-    rows.append(["**total**", f"**{_duration(total)} ({total:.1f} s)**", f"{recorded} of {len(times)} stages recorded"])
-    return [*_table(["stage", "wall time", "from"], rows), "",
-            "missing: the stage's output is absent (not run here); not recorded: its JSON holds no wall time.", ""]
+    return {"rows": rows, "total": f"{_duration(total)} ({total:.1f} s)", "recorded": recorded, "count": len(times)}
 
 
-DIRTY_FILES_SHOWN = 5
+def stage_time_lines(times: Sequence[StageTime]) -> list[str]:
+    return _lines(render_template("_stage_times.md.j2", stage_times=_stage_times(times)))
 
 
-def _dirty_text(p: Provenance) -> str:
-    if p.git_dirty is None:
-        return "unknown"
-    outputs = (f"{p.output_changes} changed pipeline output(s) of dvc.yaml / dvc.lock not counted"
-               if p.output_changes else "")
-    if not p.git_dirty:
-        return f"no ({outputs})" if outputs else "no"
-    shown = ", ".join(md_escape(f) for f in p.dirty_files[:DIRTY_FILES_SHOWN])
-    more = len(p.dirty_files) - DIRTY_FILES_SHOWN
-    return (f"yes (uncommitted changes to code or params: {shown}" + (f" and {more} more" if more > 0 else "")
-            + (f"; {outputs}" if outputs else "") + ")")
+def _provenance(p: Provenance) -> dict[str, Any]:
+    """The provenance and its params file in a code fence longer than any backtick run in it."""
+    fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", p.params_text)), default=0) + 1)
+    return {"provenance": p, "fence": fence, "params_text": p.params_text.rstrip("\n")}
 
 
 def provenance_lines(p: Provenance) -> list[str]:
-    dirty = _dirty_text(p)
-    fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", p.params_text)), default=0) + 1)
-    return [
-        f"- generated: {p.date}",
-        f"- git revision: `{p.git_revision}`; working tree dirty: {dirty}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in p.versions.items()),
-        f"- platform: {md_escape(p.platform)}",
-        f"- params: `{md_escape(p.params_path)}` (sha256 `{p.params_sha256[:16]}…`), in full:",
-        "",
-        f"{fence}yaml",
-        p.params_text.rstrip("\n"),
-        fence,
-        "",
-    ]
-
-
-def figure1_caption(d: DatasetResults) -> str:
-    """What Figure 1 shows for this dataset: the star and its bar only where the exact last
-    position was computed."""
-    pos = d.evaluation.get("positions", {})
-    def converged(e: str) -> str:
-        count = pos[e].get("positions_converged")
-        return "" if count is None else (f", LM-sample expectations converged by the log Z rule at {count} of "
-                                         f"{pos[e].get('positions', '?')} positions")
-
-    detail = "; ".join(f"{display_name(e)}: {pos[e].get('windows', '?')} windows, "
-                       f"{pos[e].get('samples', '?')} samples per position{converged(e)}" for e in _ordered(pos))
-    caption = (f"{md_escape(d.name)}: BASE LM perplexity minus the joint model's at each continuation position "
-               f"(Eq. 5), shaded between the gains from the two ends of the estimate ({md_escape(detail)}).")
-    exact = {e: pos[e]["last_position"] for e in _ordered(pos) if "exact_ppl" in pos[e].get("last_position", {})}
-    if exact:
-        windows = ", ".join(f"{display_name(e)} {last.get('exact_windows', '?')}" for e, last in exact.items())
-        caption += (" The star is the exact gain at the last position (vocabulary enumerated; windows: "
-                    f"{md_escape(windows)}), the bar the estimated range on the same windows.")
-    return caption
+    return _lines(render_template("_provenance.md.j2", **_provenance(p)))
 
 
 def _convergence_note(joint: dict) -> str:
@@ -920,90 +820,51 @@ def _convergence_note(joint: dict) -> str:
     return not_converged_why(joint) if converged is False else f"log Z {verdict_label(joint)}"
 
 
+def _figure1(d: DatasetResults, figures: dict[str, bytes]) -> dict[str, Any]:
+    """What Figure 1's caption tells for this dataset; the star and its bar only where the exact
+    last position was computed."""
+    name = figure_names(d.name)["fig1"]
+    pos = d.evaluation.get("positions", {})
+    energies = [{"model": display_name(e), "windows": pos[e].get("windows", "?"), "samples": pos[e].get("samples", "?"),
+                 "converged": pos[e].get("positions_converged"), "positions": pos[e].get("positions", "?")}
+                for e in _ordered(pos)]
+    exact = [(display_name(e), pos[e]["last_position"].get("exact_windows", "?")) for e in _ordered(pos)
+             if "exact_ppl" in pos[e].get("last_position", {})]
+    return {"name": d.name, "file": name if name in figures else None, "energies": energies, "exact": exact}
+
+
+def _figures(d: DatasetResults) -> dict[str, Any]:
+    """Figures 2 and 3 of one dataset: file names, the ranges' log Z verdicts, Figure 3's gaps."""
+    names = figure_names(d.name)
+    joint = d.evaluation.get("joint", {})
+    gaps = {k: d.generation.get("loglik_density", {}).get(k, {}).get("mean_gap", {}) for k in ("base_lm", "joint")}
+    return {"name": d.name, "left": names["fig2_left"], "right": names["fig2_right"], "file": names["fig3"],
+            "verdicts": [(display_name(e), _convergence_note(joint[e])) for e in _ordered(joint)],
+            "base_gap": _fmt(gaps["base_lm"].get("base")), "joint_gap": _fmt(gaps["joint"].get("joint"))}
+
+
 def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
-    """The report as Markdown; figures are linked as figures/<name> (relative to reports/)."""
+    """The report as Markdown (templates/report.md.j2); figures are linked as figures/<name>
+    (relative to reports/)."""
     ds = inputs.datasets
-    names = [md_escape(d.name) for d in ds]
-    lines = [
-        f"# {TITLE}",
-        "",
-        f"Deng et al., ICLR 2020, reproduced on {', '.join(names)}; git `{inputs.provenance.git_revision}`, "
-        f"generated {inputs.provenance.date}. Numbers are read from each dataset's `results/<dataset>/` "
-        "(stages evaluate and generate); the figures are also in `reports/figures/`.",
-        "",
-        "## Table 1 — test perplexity",
-        "",
-        *table1_lines(ds),
-        "### Reference points: bootstrap intervals and the self-normalised perplexity",
-        "",
-        *reference_lines(ds),
-        "### Last position: estimated vs exact",
-        "",
-        *last_position_lines(ds),
-        "## The paper's claims, checked",
-        "",
-        *claims_lines(ds),
-        "## Figure 1 — perplexity gain per position",
-        "",
-    ]
-    for d in ds:
-        name = figure_names(d.name)["fig1"]
-        if name not in figures:
-            lines += [f"{md_escape(d.name)}: no per-position estimate (evaluate.positions.energies is empty).", ""]
-            continue
-        lines += _figure(name, f"Figure 1, {d.name}", figure1_caption(d))
-    lines += ["## Figure 2 — perplexity range vs samples (left), unique n-grams (right)", ""]
-    for d in ds:
-        names_ = figure_names(d.name)
-        joint = d.evaluation.get("joint", {})
-        verdicts = "; ".join(f"{display_name(e)}: {_convergence_note(joint[e])}" for e in _ordered(joint))
-        lines += _figure(names_["fig2_left"], f"Figure 2 left, {d.name}",
-                         f"{md_escape(d.name)}: the joint models' test perplexity range [T_n, U_n] as the number of "
-                         "BASE LM samples per prefix used for log Z grows, each out to the n it was evaluated "
-                         f"with; dashed: BASE LM. {md_escape(verdicts)}.")
-        lines += _figure(names_["fig2_right"], f"Figure 2 right, {d.name}",
-                         f"{md_escape(d.name)}: percentage of unique n-grams within each continuation, real text vs "
-                         "BASE LM and joint-model samples.")
-    lines += ["## Figure 3 — log-likelihood densities", ""]
-    for d in ds:
-        gaps = {k: d.generation.get("loglik_density", {}).get(k, {}).get("mean_gap", {}) for k in ("base_lm", "joint")}
-        gap_text = (f"difference of means to real text: BASE LM samples {_fmt(gaps['base_lm'].get('base'))} under "
-                    f"the BASE LM, joint samples {_fmt(gaps['joint'].get('joint'))} under the joint model "
-                    "(paper: 21.64 and 6.20)")
-        lines += _figure(figure_names(d.name)["fig3"], f"Figure 3, {d.name}",
-                         f"{md_escape(d.name)}: sequence log-likelihoods of real (red), BASE LM (black) and joint "
-                         f"(green) continuations under the BASE LM (left) and the joint model (right); {gap_text}.")
-    lines += ["## Sample statistics (§4.3)", "", *generation_stats_lines(ds), *before_after_lines(ds)]
-    lines += ["## Table 2 — human evaluation", "", *table2_lines(inputs.human_eval)]
-    lines += ["## Example generations (as Tables 5–6)", ""]
-    for d in ds:
-        lines += examples_lines(d)
-    lines += ["## Stage wall times", "", *stage_time_lines(inputs.stage_times)]
-    lines += ["## Provenance", "", *provenance_lines(inputs.provenance)]
-    return "\n".join(lines).rstrip("\n") + "\n"
+    human = inputs.human_eval
+    text = render_template(
+        "report.md.j2", title=TITLE, datasets=ds,
+        table1=_table1(ds), reference=_reference(ds), last_position=_last_position(ds), claims=_claims(ds),
+        figure1=[_figure1(d, figures) for d in ds], figure2=(later := [_figures(d) for d in ds]), figure3=later,
+        sample_stats=_sample_stats(ds), before_after=_before_after(ds),
+        human=human, human_table=None if human.markdown is None else human.markdown.rstrip("\n"),
+        examples=[_examples(d) for d in ds], stage_times=_stage_times(inputs.stage_times),
+        **_provenance(inputs.provenance),
+    )
+    return text.rstrip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------- html
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;
-line-height:1.5;color:#1f2328}
-h1{font-size:1.6rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
-h2{font-size:1.3rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem;margin-top:2.2rem}
-h3{font-size:1.1rem}
-table{border-collapse:collapse;margin:.8rem 0;font-size:.9rem;display:block;overflow-x:auto}
-th,td{border:1px solid #d0d7de;padding:.3rem .6rem;vertical-align:top}
-th{background:#f6f8fa}
-tr:nth-child(2n) td{background:#fbfbfc}
-img{max-width:100%;height:auto;display:block;margin:.5rem 0}
-pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.8rem;max-height:30rem}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
-em{color:#57606a}
-"""
-
-
 def render_html(markdown: str, figures: dict[str, bytes], title: str = TITLE) -> str:
-    """One self-contained page: the Markdown through markdown-it-py (CommonMark + tables, raw
-    HTML off), every figures/<name> image replaced by its PNG as a base64 data URI."""
+    """One self-contained page (templates/report.html.j2, inline CSS): the Markdown through
+    markdown-it-py (CommonMark + tables, raw HTML off), every figures/<name> image replaced by
+    its PNG as a base64 data URI."""
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
@@ -1019,12 +880,8 @@ def render_html(markdown: str, figures: dict[str, bytes], title: str = TITLE) ->
                 raise ValueError(f"report image {src!r} is not one of the figures made")
             child.attrSet("src", "data:image/png;base64," + base64.b64encode(figures[name]).decode("ascii"))
     body = md.renderer.render(tokens, md.options, {})
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n{body}</main>\n"
-        "</body>\n</html>\n"
-    )
+    # body is markdown-it's HTML; the title is escaped by html.escape (quotes as &quot; / &#x27;).
+    return render_template("report.html.j2", title=Markup(html.escape(title)), body=Markup(body))
 
 
 def build(inputs: ReportInputs) -> Report:
