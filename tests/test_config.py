@@ -150,3 +150,13 @@ def test_the_defaults_check_sees_a_contradiction() -> None:
 
     found = {k: (d, v) for k, d, v in _fields(GenerateConfig, {"shard_sequences": 999}, "generate")}
     assert found["generate.shard_sequences"] == (256, 999)
+
+
+def test_a_section_is_read_with_the_model_params_declares(tmp_path: Path) -> None:
+    from pipeline.core.config import EncoderArch, GenerateConfig, load_subsection
+
+    params = write_params(tmp_path / "params.yaml", "tokenize: {vocab_size: 1000, prefix_len: 8, seq_len: 16, stride: 8}")
+    with pytest.raises(TypeError, match="tokenize is a TokenizeConfig in Params, not a GenerateConfig"):
+        load_section(GenerateConfig, "tokenize", params)
+    with pytest.raises(TypeError, match="train_lm.base is a LMVariantConfig"):
+        load_subsection(EncoderArch, "train_lm.base", params)

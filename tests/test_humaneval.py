@@ -262,16 +262,17 @@ def test_bad_votes_files(sheet: dict, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
-def generations_parquet(path: Path, window_ids: np.ndarray) -> Path:
+def generations_parquet(path: Path, window_ids: np.ndarray, seed: int = 0, words: list[str] = WORDS) -> Path:
+    """A generations file like the generate stage writes, its texts drawn from `words`."""
     W, n, L = len(window_ids), 3, 8
-    rng = np.random.default_rng(0)
-    samples = rng.integers(0, len(WORDS), size=(W, n, L))
-    gold = np.stack([rng.permutation(len(WORDS))[:L] for _ in range(W)])
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(words), size=(W, n, L))
+    gold = np.stack([rng.permutation(len(words))[:L] for _ in range(W)])
     energy = rng.normal(size=(W, n))
     sel = select_generations(energy, window_ids, seed=0)
     table = generations_table(
         window_ids, samples[:, 0, :4], gold, np.zeros(W), np.zeros(W), samples, energy, -np.ones((W, n)), sel,
-        lambda ids: " ".join(WORDS[i] for i in ids),
+        lambda ids: " ".join(words[i] for i in ids),
     )
     write_generations(path, table)
     return path

@@ -22,30 +22,14 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.generation.humaneval import DECOY, GOLD
-from pipeline.generation.resample import generations_table, select_generations, write_generations
 from stages.cli import app
+from tests.test_humaneval import generations_parquet
 
 INSTALL = "install them with `apt-get install -y chromium chromium-driver` (Debian) or put both on PATH"
 # Words a sheet must escape and a browser must show back unchanged.
 SPECIAL = ["<b>bold</b>", "A&B", '"quoted"', "O'Brien", "naïve", "日本語", "—", "&amp;", "a<b>c"]
 WORDS = SPECIAL + [f"w{i}" for i in range(60)]
 GOOD, BAD = "alice", "Mallory \"M\" O'Neil"  # the second id exercises the CSV quoting and the file name
-
-
-def generations_parquet(path: Path, window_ids: np.ndarray, seed: int) -> Path:
-    """A generations file like the generate stage writes, its texts drawn from WORDS."""
-    W, n, L = len(window_ids), 3, 8
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, len(WORDS), size=(W, n, L))
-    gold = np.stack([rng.permutation(len(WORDS))[:L] for _ in range(W)])
-    energy = rng.normal(size=(W, n))
-    sel = select_generations(energy, window_ids, seed=0)
-    table = generations_table(
-        window_ids, samples[:, 0, :4], gold, np.zeros(W), np.zeros(W), samples, energy, -np.ones((W, n)), sel,
-        lambda ids: " ".join(WORDS[i] for i in ids),
-    )
-    write_generations(path, table)
-    return path
 
 
 @pytest.fixture
@@ -139,8 +123,8 @@ def test_rater_fills_in_the_sheet_and_the_votes_score(browser, in_tmp: Path) -> 
     from selenium.webdriver.common.by import By
 
     runner = CliRunner()
-    news = generations_parquet(in_tmp / "news.parquet", np.arange(5), seed=0)
-    fiction = generations_parquet(in_tmp / "fiction.parquet", np.arange(100, 105), seed=1)
+    news = generations_parquet(in_tmp / "news.parquet", np.arange(5), seed=0, words=WORDS)
+    fiction = generations_parquet(in_tmp / "fiction.parquet", np.arange(100, 105), seed=1, words=WORDS)
     result = runner.invoke(
         app, ["humaneval", "export", f"news={news}", f"fiction={fiction}", "--windows", "3", "--seed", "5",
               "--out", "he"],

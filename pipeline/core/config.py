@@ -124,8 +124,21 @@ def _format_validation_error(path: Path, section: str, exc: ValidationError) -> 
     return "\n".join(lines)
 
 
+def _check_declared(model: type[BaseModel], dotted: str) -> None:
+    """A stage must read a section with the model `Params` declares for it, so the two cannot drift."""
+    node: Any = Params
+    for key in dotted.split("."):
+        field = node.model_fields.get(key) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return  # not a section of Params (e.g. a test's own section): nothing to compare
+        node = field.annotation
+    if node is not model:
+        raise TypeError(f"{dotted} is a {getattr(node, '__name__', node)} in Params, not a {model.__name__}")
+
+
 def load_section(model: type[SectionT], section: str, path: Path = DEFAULT_PARAMS) -> SectionT:
-    """Validate one top-level section of params.yaml into `model`."""
+    """Validate one top-level section of params.yaml into `model` (the one `Params` declares)."""
+    _check_declared(model, section)
     params = read_params(path)
     if section not in params:
         raise RebmError(f"{path}: missing section '{section}'")
@@ -162,6 +175,7 @@ def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PAR
     Stages that read only part of a section load only that part, matching the narrower
     key they declare in dvc.yaml (so an edit elsewhere in the section does not rerun them).
     """
+    _check_declared(model, dotted)
     node: Any = read_params(path)
     for depth, key in enumerate(dotted.split(".")):
         if not isinstance(node, dict) or key not in node:
