@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.core.config import EvaluateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
 from pipeline.core.io import ArrayCheckpoint, require_model
 from pipeline.core.paths import DatasetPaths
-from pipeline.core.precision import resolve_device, resolve_precision
+from pipeline.core.precision import pool_device, resolve_device, resolve_precision
 from pipeline.core.seeds import log_z_seed
 from pipeline.core.variants import stage_name
 from pipeline.data.tokenization import read_windows
@@ -39,7 +39,8 @@ def run(
     tok = load_section(TokenizeConfig, "tokenize", params)
     neg = load_section(NegativesConfig, "negatives", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
-    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})  # auto -> fp32 | bf16
+    work_device = pool_device(cfg.num_workers, cfg.gpus_per_worker, device)  # where samples and energies run
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, work_device)})  # auto -> fp32 | bf16
     paths = DatasetPaths(dataset, root)
 
     window_ids, windows = read_windows(paths.windows_split("test"))

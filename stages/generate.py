@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.core.config import GenerateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
 from pipeline.core.io import ArrayCheckpoint, require_model, write_json
 from pipeline.core.paths import DatasetPaths
-from pipeline.core.precision import resolve_device, resolve_precision
+from pipeline.core.precision import pool_device, resolve_device, resolve_precision
 from pipeline.core.variants import stage_name
 from pipeline.generation.algorithm import GenerationWork, generate_for_prompt, side_by_side, write_analyses
 from pipeline.generation.resample import write_generations
@@ -41,13 +41,14 @@ def run(
     tok = load_section(TokenizeConfig, "tokenize", params)
     neg = load_section(NegativesConfig, "negatives", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
-    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})  # auto -> fp32 | bf16
+    work_device = pool_device(cfg.num_workers, cfg.gpus_per_worker, device)  # where samples and energies run
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, work_device)})  # auto -> fp32 | bf16
     paths = DatasetPaths(dataset, root)
     lm_dir, energy_dir = _models(paths, cfg.energy)
 
     work = GenerationWork.for_test_split(paths.windows_split("test"), cfg, prefix_len=tok.prefix_len, neg=neg,
                                          seed=seed, checkpoint=ArrayCheckpoint(paths.generation_checkpoint),
-                                         progress=progress)
+                                         device=work_device, progress=progress)
     gold_lp = work.gold_logprobs(lm_dir, device)
     with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker):
         samples = work.samples(lm_dir, f"{dataset}: top-{cfg.top_k} LM samples")

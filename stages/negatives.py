@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.config import NegativesConfig, TokenizeConfig, load_section, load_seed
+from pipeline.core.config import NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
 from pipeline.core.errors import RebmError
 from pipeline.core.io import write_json
 from pipeline.core.paths import DatasetPaths
+from pipeline.core.precision import pool_device, resolve_device, resolve_dtype
 from pipeline.data.tokenization import read_windows
 
 
@@ -33,12 +34,13 @@ def run(
     model_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    from pipeline.sampling.actor_pool import ray_session
+    from pipeline.sampling.actor_pool import ray_session_if
     from pipeline.sampling.negatives import SplitInput, generate_negatives
 
     cfg = load_section(NegativesConfig, "negatives", params)
     tok = load_section(TokenizeConfig, "tokenize", params)
     seed = load_seed(params)
+    work_device = pool_device(cfg.num_workers, cfg.gpus_per_worker, resolve_device(load_device(params)))
     n_per_split = cfg.samples_for(dataset, params)
     paths = DatasetPaths(dataset, root)
     model_dir = Path(model_dir) if model_dir else paths.lm("base")
@@ -49,25 +51,18 @@ def run(
         splits[split] = SplitInput(ids, prefixes, n)
 
     start = time.perf_counter()
-    with ray_session(ray_address, num_cpus=cfg.num_workers * cfg.cpus_per_worker) as session:
+    with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker) as session:
         stats = generate_negatives(
-            model_dir,
-            splits,
-            paths.negatives,
-            new_tokens=tok.continuation_len,
-            top_k=cfg.top_k,
-            seed=seed,
-            shard_windows=cfg.shard_windows,
-            batch_samples=cfg.batch_samples,
-            num_workers=cfg.num_workers,
-            cpus_per_worker=cfg.cpus_per_worker,
-            dtype=cfg.dtype,
-            progress=progress,
+            model_dir, splits, paths.negatives, new_tokens=tok.continuation_len, top_k=cfg.top_k, seed=seed,
+            shard_windows=cfg.shard_windows, batch_samples=cfg.batch_samples, num_workers=cfg.num_workers,
+            cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+            dtype=resolve_dtype(cfg.dtype, work_device), device=str(work_device), progress=progress,
         )
+    ray = (session or {"address": "none (in process)"})["address"]
     summary = {
         "dataset": dataset,
         "model": str(model_dir),
-        "ray": session["address"] if session["address"] in ("local", "existing") else "cluster",
+        "ray": ray if ray in ("local", "existing", "none (in process)") else "cluster",
         "top_k": cfg.top_k,
         "stage_wall_seconds": round(time.perf_counter() - start, 3),
         **stats,

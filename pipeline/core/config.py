@@ -304,15 +304,20 @@ class NegativesConfig(Section):
     Algorithm 1's proposal. Outputs depend on seed, n, top_k, shard_windows, batch_samples and
     dtype, never on num_workers; cpus_per_worker (torch threads per actor) can change the last
     bits of a GEMM, so bit-identical reruns keep it fixed (the samples stay valid either way).
+    `gpus_per_worker` > 0 puts each actor's LM on the GPU Ray assigns it (fractions share a
+    GPU); `dtype: auto` is bfloat16 where that device computes it natively. num_workers 0
+    samples in this process, without Ray.
     """
 
     samples: dict[str, dict[NegativesSplit, Annotated[int, Field(gt=0)]]]
     top_k: int = Field(default=0, ge=0)
     shard_windows: int = Field(default=32, gt=0)
     batch_samples: int = Field(default=256, gt=0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    num_workers: int = Field(default=2, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
+    gpus_per_worker: float = Field(default=0, ge=0)
 
     def samples_for(self, dataset: str, path: Path = DEFAULT_PARAMS) -> dict[str, int]:
         if dataset not in self.samples or not self.samples[dataset]:
@@ -437,6 +442,7 @@ class EvaluateConfig(Section):
     shard_sequences: int = Field(default=256, gt=0)
     num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
 
     @model_validator(mode="after")
     def _base_lm_scored(self) -> EvaluateConfig:
@@ -477,6 +483,7 @@ class GenerateConfig(Section):
     shard_sequences: int = Field(default=256, gt=0)
     num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
 
 
 # --------------------------------------------------------------------------- the whole file

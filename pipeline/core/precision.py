@@ -68,6 +68,36 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def pool_device(num_workers: int, gpus_per_worker: float, stage_device: torch.device) -> torch.device:
+    """Where a pool's work runs: the stage's device in this process (num_workers 0), the GPU Ray
+    assigns each actor when the pool asks for GPUs, else the actors' CPUs. Precision and dtype
+    `auto` are resolved for this device on the driver, so they are part of what keys the work."""
+    if num_workers == 0:
+        return stage_device
+    return torch.device("cuda") if gpus_per_worker > 0 else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> Literal["float32", "bfloat16"]:
+    """A model's weights dtype: `auto` -> bfloat16 where `device` computes it natively, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if device_has_native_bf16(device) else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return dtype
+
+
+def actor_device(name: str) -> torch.device:
+    """Inside a pool worker: `name` ("cuda" for a GPU actor) if CUDA is there, else the CPU.
+
+    Ray makes the GPU it assigned visible as the only one, so "cuda" is that GPU. On a machine
+    without CUDA (or a test with fake GPU resources) the work runs on the CPU.
+    """
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda if available, else cpu; otherwise the named device."""
     if name == "auto":

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import EvaluateConfig, NegativesConfig
 from pipeline.core.io import ArrayCheckpoint, fingerprint
+from pipeline.core.precision import pool_device, resolve_dtype
 from pipeline.core.seeds import position_seed
 from pipeline.estimation.evaluation import completed_windows, last_position_candidates
 from pipeline.sampling.negatives import model_digest
@@ -35,6 +36,11 @@ class EvaluationWork:
         self.wall: dict[str, float] = {}
         self.part_keys: dict[str, str] = {}  # checkpoint part -> the key it was computed under
         self._model_keys: dict[Path, str] = {}
+        # LM samples and energies run on the pool's device; cfg.precision is already resolved for it
+        self.pool_device = pool_device(cfg.num_workers, cfg.gpus_per_worker, device)
+        self.sample_dtype = resolve_dtype(neg.dtype, self.pool_device)
+        self.pool = {"num_workers": cfg.num_workers, "cpus_per_worker": cfg.cpus_per_worker,
+                     "gpus_per_worker": cfg.gpus_per_worker, "device": str(self.pool_device)}
 
     def _model_key(self, model_dir: Path) -> str:
         if model_dir not in self._model_keys:
@@ -99,22 +105,21 @@ class EvaluationWork:
             i, j = job.key
             out[i, j] = completed_windows(self.windows[[rows[j]]], starts[i], result["tokens"].astype(np.int64))[0]
 
-        run_sample_jobs(model_dir, jobs, done, top_k=0, batch_samples=self.neg.batch_samples, dtype=self.neg.dtype,
-                        num_workers=self.cfg.num_workers, cpus_per_worker=self.cfg.cpus_per_worker, desc=desc,
-                        progress=self.progress)
+        run_sample_jobs(model_dir, jobs, done, top_k=0, batch_samples=self.neg.batch_samples, dtype=self.sample_dtype,
+                        desc=desc, progress=self.progress, **self.pool)
         return out
 
     def lm_samples(self, model_dir: Path, seed: int, n: int) -> np.ndarray:
         """n LM continuations of every test prefix, as windows [N, n, T]: the log Z samples."""
         rows = np.arange(len(self.windows))
-        key = fingerprint(self.data_key, self._model_key(model_dir), seed, n, self.neg.batch_samples, self.neg.dtype)
+        key = fingerprint(self.data_key, self._model_key(model_dir), seed, n, self.neg.batch_samples, self.sample_dtype)
         return self._cached("log_z_samples", key, lambda: {"tokens": self._sample(
             model_dir, rows, [self.p], n, lambda _: seed, "log Z LM samples")[0]})["tokens"]
 
     def position_samples(self, model_dir: Path, rows: np.ndarray) -> np.ndarray:
         """For each start index p..T−1: LM completions of x_<start, as windows [W, L, s, T] (Eq. 5's x')."""
         T, s = self.windows.shape[1], self.cfg.positions.samples
-        key = fingerprint(self.data_key, self._model_key(model_dir), rows, s, self.neg.batch_samples, self.neg.dtype)
+        key = fingerprint(self.data_key, self._model_key(model_dir), rows, s, self.neg.batch_samples, self.sample_dtype)
 
         def compute() -> dict[str, np.ndarray]:
             tokens = self._sample(model_dir, rows, list(range(self.p, T)), s, lambda start: position_seed(self.seed, start),
@@ -153,8 +158,7 @@ class EvaluationWork:
                       disable=not self.progress) as bar:
                 scored = score_energies(
                     energy_dir, self.tokenizer_dir, everything, shard_sequences=cfg.shard_sequences,
-                    batch_size=cfg.batch_size, precision=cfg.precision, num_workers=cfg.num_workers,
-                    cpus_per_worker=cfg.cpus_per_worker, on_progress=bar.update,
+                    batch_size=cfg.batch_size, precision=cfg.precision, on_progress=bar.update, **self.pool,
                 )
             out, offset = {}, 0
             for name, block in blocks.items():

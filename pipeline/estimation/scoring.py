@@ -8,35 +8,36 @@ numerics whichever worker runs it and the energies do not depend on the worker c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from pipeline.core.precision import autocast
-from pipeline.sampling.actor_pool import PoolStats, Task, make_pool, model_directory, ship, worker_setup
+from pipeline.sampling.actor_pool import PoolStats, Task, make_pool, model_directory, ship, worker_info, worker_setup
 
 
 class EnergyWorker:
     """Holds one energy model and the LM's tokenizer; `score` returns E for a block of windows."""
 
     def __init__(self, energy_source: str | list, tokenizer_source: str | list, threads: int, precision: str,
-                 batch_size: int):
+                 batch_size: int, device: str = "cpu"):
         from transformers import AutoTokenizer
 
+        from pipeline.core.precision import actor_device
         from pipeline.models.energy import EnergyScorer, load_energy
 
         worker_setup(threads)
+        self.device = actor_device(device)
         with model_directory(energy_source) as energy_dir, model_directory(tokenizer_source) as tok_dir:
             model, body_tokenizer = load_energy(energy_dir)
             lm_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        self.scorer = EnergyScorer(model.eval(), body_tokenizer, lm_tokenizer)
+        self.scorer = EnergyScorer(model.to(self.device).eval(), body_tokenizer, lm_tokenizer)
         self.precision = precision
         self.batch_size = batch_size
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "input": "ids" if self.scorer.shares_vocab else "text"}
+        return {**worker_info(self.device), "input": "ids" if self.scorer.shares_vocab else "text"}
 
     def score(self, windows: np.ndarray) -> np.ndarray:
         return score_windows(self.scorer, windows, self.batch_size, self.precision)
@@ -89,12 +90,15 @@ def score_energies(
     precision: str,
     num_workers: int,
     cpus_per_worker: int = 1,
+    gpus_per_worker: float = 0,
+    device: str = "cpu",
     on_progress: Callable[[int], None] | None = None,
     stats: PoolStats | None = None,
 ) -> np.ndarray:
     """E of every row of `windows` [N, T], sharded over `num_workers` actors (0: this process).
 
     Ray must already be initialised when num_workers > 0 (see `pipeline.sampling.actor_pool.ray_session`).
+    `device`: the in-process worker's device, or "cuda" for GPU actors (`precision.pool_device`).
     """
     windows = np.ascontiguousarray(windows, dtype=np.int64)
     local = num_workers == 0
@@ -109,8 +113,10 @@ def score_energies(
     if not tasks:
         return out
     saved_threads = torch.get_num_threads()
-    pool = make_pool(EnergyWorker, (energy_source, tokenizer_source, threads, precision, batch_size),
-                     num_workers, cpus_per_worker, name=f"energies of {energy_dir}")
+    pool = make_pool(EnergyWorker, (energy_source, tokenizer_source, threads, precision, batch_size, device),
+                     num_workers, cpus_per_worker, name=f"energies of {energy_dir}", gpus_per_worker=gpus_per_worker)
+    if stats is not None:
+        stats.workers = pool.info
 
     def done(task: Task, energies: np.ndarray) -> None:
         out[task.payload : task.payload + len(energies)] = energies

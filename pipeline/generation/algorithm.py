@@ -38,6 +38,7 @@ class GenerationWork:
     neg: NegativesConfig
     seed: int
     checkpoint: ArrayCheckpoint
+    device: Any = "cpu"  # where the pools' samples and energies run (`precision.pool_device`)
     progress: bool = True
     wall: dict[str, float] = field(default_factory=dict)
 
@@ -63,10 +64,22 @@ class GenerationWork:
         self._timed("gold_logprobs", t0)
         return lp
 
+    @property
+    def sample_dtype(self) -> str:
+        from pipeline.core.precision import resolve_dtype
+
+        return resolve_dtype(self.neg.dtype, torch_device(self.device))
+
+    @property
+    def pool(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"num_workers": cfg.num_workers, "cpus_per_worker": cfg.cpus_per_worker,
+                "gpus_per_worker": cfg.gpus_per_worker, "device": str(self.device)}
+
     def samples_key(self, lm_dir: Path) -> str:
         cfg, neg = self.cfg, self.neg
         return fingerprint(self.seed, self.prefix_len, self.windows.shape[1], self.window_ids, self.windows, cfg.n_gen,
-                           cfg.top_k, cfg.shard_windows, neg.batch_samples, neg.dtype, model_digest(lm_dir))
+                           cfg.top_k, cfg.shard_windows, neg.batch_samples, self.sample_dtype, model_digest(lm_dir))
 
     def samples(self, lm_dir: Path, desc: str) -> dict[str, np.ndarray]:
         """n_gen top-k LM continuations per prefix and their log-probs (Ray must be up if num_workers > 0)."""
@@ -87,8 +100,7 @@ class GenerationWork:
                 samples["logprob"][job.key : job.key + len(job.window_ids)] = result["logprob"]
 
             run_sample_jobs(lm_dir, jobs, done, top_k=cfg.top_k, batch_samples=self.neg.batch_samples,
-                            dtype=self.neg.dtype, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-                            desc=desc, progress=self.progress)
+                            dtype=self.sample_dtype, desc=desc, progress=self.progress, **self.pool)
             self.checkpoint.save("samples", key, **samples)
         self._timed("sampling", t0)
         return samples
@@ -113,7 +125,7 @@ class GenerationWork:
                 e = score_energies(
                     energy_dir, lm_tokenizer_dir, np.concatenate([self.windows, sample_windows]),
                     shard_sequences=cfg.shard_sequences, batch_size=cfg.batch_size, precision=cfg.precision,
-                    num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, on_progress=bar.update,
+                    on_progress=bar.update, **self.pool,
                 )
             energies = {"gold": e[:W], "samples": e[W:].reshape(W, n)}
             self.checkpoint.save("energies", key, **energies)
@@ -135,6 +147,12 @@ class GenerationWork:
             samples["tokens"], energies["samples"], samples["logprob"], selection,
             decode=lambda ids: lm_tokenizer.decode(list(ids)),
         )
+
+
+def torch_device(device: Any):
+    import torch
+
+    return device if isinstance(device, torch.device) else torch.device(device)
 
 
 def write_analyses(paths: DatasetPaths, table, cfg: GenerateConfig, dataset: str) -> dict:

@@ -139,6 +139,7 @@ class ActorPool:
         max_restarts: int = 3,
         inflight: int = 2,
         name: str = "pool",
+        gpus_per_worker: float = 0,
     ):
         import ray
 
@@ -146,7 +147,8 @@ class ActorPool:
             raise RebmError(f"{name}: num_workers must be at least 1, got {num_workers}")
         self.name = name
         self.inflight = inflight
-        remote = ray.remote(actor_cls).options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0)
+        remote = ray.remote(actor_cls).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                               max_restarts=max_restarts, max_task_retries=0)
         self.actors = [remote.remote(*init_args) for _ in range(num_workers)]
         self.info = ray.get([a.ready.remote() for a in self.actors])
 
@@ -210,6 +212,14 @@ class ActorPool:
             ray.kill(a, no_restart=True)
 
 
+def worker_info(device) -> dict:
+    """What a worker's `ready` reports: process, threads, device and the GPUs Ray made visible."""
+    import torch
+
+    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "device": str(device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
 def worker_setup(threads: int) -> None:
     """What every actor does first: its torch thread budget, no HF progress bars."""
     import torch
@@ -238,8 +248,11 @@ class LocalPool:
         pass
 
 
-def make_pool(actor_cls: type, init_args: tuple, num_workers: int, cpus_per_worker: float, name: str) -> ActorPool | LocalPool:
-    """`num_workers` Ray actors, or the actor class in this process when num_workers is 0."""
+def make_pool(actor_cls: type, init_args: tuple, num_workers: int, cpus_per_worker: float, name: str,
+              gpus_per_worker: float = 0, max_restarts: int = 3) -> ActorPool | LocalPool:
+    """`num_workers` Ray actors (each with `gpus_per_worker` GPUs), or the actor class in this
+    process when num_workers is 0 (Ray is then not imported)."""
     if num_workers == 0:
         return LocalPool(actor_cls, init_args)
-    return ActorPool(actor_cls, init_args, num_workers, cpus_per_worker, name=name)
+    return ActorPool(actor_cls, init_args, num_workers, cpus_per_worker, max_restarts=max_restarts, name=name,
+                     gpus_per_worker=gpus_per_worker)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -36,7 +35,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import RebmError
 from pipeline.core.io import atomic_output, write_json
 from pipeline.models.lm import load_lm
-from pipeline.sampling.actor_pool import ActorPool, PoolStats, Task, model_directory, read_model_files, worker_setup
+from pipeline.sampling.actor_pool import PoolStats, Task, model_directory, read_model_files, worker_info, worker_setup
 
 NEGATIVES_SCHEMA = pa.schema(
     [
@@ -203,21 +202,22 @@ def read_negatives(split_dir: Path) -> pa.Table:
 
 # --------------------------------------------------------------------------- Ray
 class SamplerWorker:
-    """A Ray actor holding the LM and a Sampler; `sample` computes one shard."""
+    """A pool worker holding the LM on its device and a Sampler; `sample` computes one shard."""
 
-    def __init__(self, model_source: str | list, threads: int, top_k: int, batch_samples: int, dtype: str):
+    def __init__(self, model_source: str | list, threads: int, top_k: int, batch_samples: int, dtype: str,
+                 device: str = "cpu"):
+        from pipeline.core.precision import actor_device
         from pipeline.sampling.sampler import Sampler
 
         worker_setup(threads)
+        self.device = actor_device(device)
         with model_directory(model_source) as directory:
-            model = load_lm(directory, dtype=dtype)
+            model = load_lm(directory, self.device, dtype=dtype)
         self.sampler = Sampler(model, top_k=top_k, batch_samples=batch_samples)
         self.shards_done = 0
 
     def ready(self) -> dict:
-        import torch
-
-        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "path": self.sampler.path}
+        return {**worker_info(self.device), "path": self.sampler.path}
 
     def sample(self, window_ids: np.ndarray, prefixes: np.ndarray, n: int, new_tokens: int, seed: int) -> dict:
         out = self.sampler.sample(prefixes, window_ids, n, new_tokens, seed)
@@ -225,37 +225,17 @@ class SamplerWorker:
         return {"tokens": out.tokens, "token_logprobs": out.token_logprobs, "logprob": out.logprob}
 
 
-class SamplerPool(ActorPool):
-    """`num_workers` SamplerWorker actors sharing one shipped LM; see `pipeline.sampling.actor_pool`."""
+def sampler_pool(model_dir: Path, num_workers: int, cpus_per_worker: float, gpus_per_worker: float, top_k: int,
+                 batch_samples: int, dtype: str, device: str, name: str):
+    """SamplerWorker actors sharing one shipped LM (num_workers 0: one in this process, no Ray)."""
+    import torch
 
-    def __init__(
-        self,
-        model_files: dict[str, bytes],
-        num_workers: int,
-        cpus_per_worker: float,
-        top_k: int,
-        batch_samples: int,
-        dtype: str = "float32",
-        max_restarts: int = 3,
-        inflight: int = 2,
-        name: str = "negatives",
-    ):
-        import ray
+    from pipeline.sampling.actor_pool import make_pool, ship
 
-        self._files_ref = ray.put(model_files)  # kept alive here so restarted actors can fetch it
-        threads = max(1, int(cpus_per_worker))
-        super().__init__(
-            SamplerWorker, ([self._files_ref], threads, top_k, batch_samples, dtype),
-            num_workers, cpus_per_worker, max_restarts=max_restarts, inflight=inflight, name=name,
-        )
-
-    def run_shards(self, shards: list[Shard], on_done: Callable[[Shard, dict], None], stats: PoolStats) -> None:
-        """Sample every shard, calling on_done(shard, result) on the driver once per shard."""
-        tasks = [
-            Task(f"{s.split}/{s.index}", "sample", (s.window_ids, s.prefixes, s.spec.n, s.spec.new_tokens, s.spec.seed), s)
-            for s in shards
-        ]
-        self.run(tasks, lambda task, result: on_done(task.payload, result), stats)
+    local = num_workers == 0
+    threads = torch.get_num_threads() if local else cpus_per_worker
+    return make_pool(SamplerWorker, (ship(model_dir, local), threads, top_k, batch_samples, dtype, device),
+                     num_workers, cpus_per_worker, name=name, gpus_per_worker=gpus_per_worker)
 
 
 @dataclass(frozen=True)
@@ -280,26 +260,27 @@ def run_sample_jobs(
     dtype: str,
     num_workers: int,
     cpus_per_worker: int = 1,
+    gpus_per_worker: float = 0,
+    device: str = "cpu",
     desc: str = "LM samples",
     progress: bool = True,
+    stats: PoolStats | None = None,
 ) -> None:
     """Sample every job on `num_workers` SamplerWorker actors (0: in this process, no Ray).
 
     The evaluate and generate stages' samples: on_done(job, {"tokens", "token_logprobs",
     "logprob"}) is called on the driver once per job. Ray must be initialised when
-    num_workers > 0 (see `pipeline.sampling.actor_pool.ray_session`).
+    num_workers > 0 (see `pipeline.sampling.actor_pool.ray_session`). `device` is where the
+    in-process worker runs, or "cuda" for GPU actors (`pipeline.core.precision.pool_device`).
     """
     import torch
     from tqdm import tqdm
 
-    from pipeline.sampling.actor_pool import make_pool, ship
-
-    local = num_workers == 0
-    source = ship(model_dir, local)
-    threads = torch.get_num_threads() if local else cpus_per_worker
     saved_threads = torch.get_num_threads()
-    pool = make_pool(SamplerWorker, (source, threads, top_k, batch_samples, dtype), num_workers, cpus_per_worker,
-                     name=desc)
+    pool = sampler_pool(model_dir, num_workers, cpus_per_worker, gpus_per_worker, top_k, batch_samples, dtype,
+                        device, desc)
+    stats = stats if stats is not None else PoolStats()
+    stats.workers = pool.info
     tasks = [Task(job.key, "sample", (job.window_ids, job.prefixes, job.n, job.new_tokens, job.seed), job) for job in jobs]
     bar = tqdm(total=sum(len(j.window_ids) * j.n for j in jobs), unit="sample", desc=desc, disable=not progress)
 
@@ -308,7 +289,7 @@ def run_sample_jobs(
         bar.update(len(task.payload.window_ids) * task.payload.n)
 
     try:
-        pool.run(tasks, done, PoolStats())
+        pool.run(tasks, done, stats)
     finally:
         bar.close()
         pool.shutdown()
@@ -335,14 +316,18 @@ def generate_negatives(
     batch_samples: int,
     num_workers: int,
     cpus_per_worker: float = 1,
+    gpus_per_worker: float = 0,
     dtype: str = "float32",
+    device: str = "cpu",
     progress: bool = True,
-    on_shard_done: Callable[[Shard, SamplerPool], None] | None = None,
+    on_shard_done: Callable[[Shard, Any], None] | None = None,
 ) -> dict:
     """Sample every split's windows into `out_dir/<split>/shard-*.parquet`; returns stats.
 
-    Ray must already be initialised (see `pipeline.sampling.actor_pool.ray_session`). Valid existing shards are kept;
-    everything else under out_dir (stale shards, other splits, temp files) is removed.
+    Ray must already be initialised when num_workers > 0 (see `pipeline.sampling.actor_pool.ray_session`);
+    num_workers 0 samples in this process on `device`. `dtype` is resolved ("float32" or
+    "bfloat16"). Valid existing shards are kept; everything else under out_dir (stale shards,
+    other splits, temp files) is removed.
     """
     from tqdm import tqdm
 
@@ -372,7 +357,8 @@ def generate_negatives(
     stats = PoolStats(shards_reused=sum(len(v) for v in plans.values()) - len(todo))
     start = time.perf_counter()
     if todo:
-        pool = SamplerPool(files, num_workers, cpus_per_worker, top_k, batch_samples, dtype)
+        pool = sampler_pool(model_dir, num_workers, cpus_per_worker, gpus_per_worker, top_k, batch_samples, dtype,
+                            device, "negatives")
         stats.workers = pool.info
         bar = tqdm(total=sum(s.rows for s in todo), unit="sample", desc="negatives", disable=not progress)
         t0 = time.perf_counter()
@@ -386,8 +372,10 @@ def generate_negatives(
             if on_shard_done is not None:
                 on_shard_done(shard, pool)
 
+        tasks = [Task(f"{s.split}/{s.index}", "sample",
+                      (s.window_ids, s.prefixes, s.spec.n, s.spec.new_tokens, s.spec.seed), s) for s in todo]
         try:
-            pool.run_shards(todo, done, stats)
+            pool.run(tasks, lambda task, result: done(task.payload, result), stats)
         finally:
             bar.close()
             pool.shutdown()
