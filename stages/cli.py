@@ -226,16 +226,27 @@ def bench_sample(
     n: Annotated[int, typer.Option(help="samples per prefix")] = 16,
     windows: Annotated[int, typer.Option(help="prefixes in one batch")] = 8,
     ray_windows: Annotated[int, typer.Option(help="prefixes for the 1-vs-2 Ray workers run")] = 64,
-    model: Annotated[Path | None, typer.Option(help="HF causal LM dir (default: models/<dataset>/lm/base, else random init)")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="HF causal LM dir (default: gpt2: models/<dataset>/lm/base, else random init; "
+                          "llama: random init)"),
+    ] = None,
+    arch: Annotated[
+        str, typer.Option(help="random-init architecture without --model: gpt2 or llama (same size as the base LM)")
+    ] = "gpt2",
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N")] = "auto",
 ) -> None:
-    """New tokens/s of the shared-prefix sampler vs transformers generate, and of 1 vs 2 Ray workers."""
+    """New tokens/s of the shared-prefix sampler vs transformers generate, and of 1 vs 2 Ray workers (CPU)."""
     from pipeline.core.paths import DatasetPaths
     from pipeline.tools import bench_sample
 
+    if arch not in ("gpt2", "llama"):
+        raise RebmError(f"--arch must be gpt2 or llama, got {arch!r}")
     paths = DatasetPaths(dataset)
     report = bench_sample.run_bench(
-        model_dir=model or paths.lm("base"), windows_file=paths.windows_split("valid"),
-        windows=windows, n=n, ray_windows=ray_windows,
+        model_dir=model if model is not None else (paths.lm("base") if arch == "gpt2" else None),
+        windows_file=paths.windows_split("valid"), windows=windows, n=n, ray_windows=ray_windows,
+        arch=arch, device=device,
     )
     typer.echo(bench_sample.format_report(report))
 

@@ -211,3 +211,12 @@ def test_windows_for_an_unknown_dataset_is_an_error(tmp_path: Path) -> None:
 def test_missing_params_file(tmp_path: Path) -> None:
     result = invoke(str(tmp_path / "nope.yaml"))
     assert result.exit_code == 2 and "params file not found" in result.output
+
+
+def test_gpu_params_plan_the_papers_sample_counts(tmp_path: Path) -> None:
+    result = invoke(str(REPO / "params" / "gpu.yaml"), "--root", str(REPO), "--json")
+    assert result.exit_code == 0, result.output
+    rows = rows_by(json.loads(result.output), "fiction")
+    assert rows[("negatives", "sample train (n=128)")]["sequences"] > 0          # §4.1: 128 per Book Corpus prefix
+    assert ("evaluate", "log Z samples (n=20,000 per prefix)") in rows           # ≥ 20,000 per test prefix
+    assert ("generate", "top-10 samples (n=10,000)") in rows                      # Algorithm 1: 10,000 top-10 samples

@@ -5,7 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from pipeline.sampling.sampler import Sampler, full_forward_logprobs, pick_tokens, sample_uniforms
 
@@ -148,18 +163,103 @@ def test_pick_tokens_inverts_the_cdf() -> None:
     np.testing.assert_allclose(lp_k.numpy(), np.log([0.6, 0.6, 0.3, 0.3]), rtol=1e-5)  # full softmax
 
 
-def test_any_hf_causal_lm_takes_the_generic_path(prefixes) -> None:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    pre, ids = prefixes
-    sampler = Sampler(model, batch_samples=8)
-    assert sampler.path == "generic-dynamic-cache"
+# Llama-style: 2 layers, hidden 32, 4 query heads on 2 key/value heads (GQA), vocab 50.
+LLAMA_LIKE = dict(
+    vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
+)
+
+
+def tiny_causal_lm(config_cls, model_cls, seed: int = 0, sharpen: float = 4.0, **overrides):
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**LLAMA_LIKE, **overrides})).eval()
+    with torch.no_grad():  # far from uniform, as tiny_gpt2
+        model.lm_head.weight.mul_(sharpen)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaForCausalLM:
+    return tiny_causal_lm(LlamaConfig, LlamaForCausalLM)
+
+
+@pytest.fixture(scope="module")
+def llama_prefixes() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2)
+    return rng.integers(0, 50, size=(5, P)), np.array([3, 17, 1 << 40, (2 << 40) + 5, 99], dtype=np.int64)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_llama_fast_path_matches_a_full_forward_and_the_generic_path(llama, llama_prefixes, arch, top_k) -> None:
+    model = {
+        "llama": lambda: llama,
+        "qwen2": lambda: tiny_causal_lm(Qwen2Config, Qwen2ForCausalLM, seed=1),  # q/k/v biases
+        "mistral": lambda: tiny_causal_lm(MistralConfig, MistralForCausalLM, seed=2, sliding_window=32),
+    }[arch]()
+    pre, ids = llama_prefixes
+    sampler = Sampler(model, top_k=top_k, batch_samples=16)
+    assert sampler.path == "llama-shared-prefix"
+    out = sampler.sample(pre, ids, n=7, new_tokens=L, seed=3)
+    assert sampler.path == "llama-shared-prefix"  # P + L within Mistral's window
+    assert out.tokens.shape == (5, 7, L) and out.tokens.dtype == np.int32 and out.token_logprobs.dtype == np.float32
+    np.testing.assert_allclose(out.token_logprobs, full_forward_logprobs(model, pre, out.tokens), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out.logprob, out.token_logprobs.astype(np.float64).sum(-1), rtol=0, atol=1e-12)
+    generic = Sampler(model, top_k=top_k, batch_samples=16, fast=False)
+    assert generic.path == "generic-dynamic-cache"
+    reference = generic.sample(pre, ids, n=7, new_tokens=L, seed=3)
+    np.testing.assert_array_equal(out.tokens, reference.tokens)
+    np.testing.assert_allclose(out.token_logprobs, reference.token_logprobs, atol=1e-4, rtol=0)
+    assert len({tuple(r) for r in out.tokens[0]}) > 1
+    if top_k:  # drawn from the top k, log-probs under the full softmax
+        full = np.concatenate([np.repeat(pre[:, None], 7, 1), out.tokens], -1).reshape(-1, P + L)
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(full.astype(np.int64))).logits[:, P - 1 : -1]
+        chosen = logits.gather(-1, torch.from_numpy(out.tokens.reshape(-1, L).astype(np.int64))[..., None])
+        assert bool((chosen.squeeze(-1) >= logits.topk(top_k, dim=-1).values[..., -1] - 1e-5).all())
+
+
+def test_llama_samples_depend_only_on_seed_window_and_index(llama, llama_prefixes) -> None:
+    pre, ids = llama_prefixes
+    sampler = Sampler(llama, top_k=4, batch_samples=8)  # one window per batch
+    together = sampler.sample(pre, ids, n=8, new_tokens=L, seed=9)
+    order = np.array([4, 2, 0, 3, 1])
+    shuffled = sampler.sample(pre[order], ids[order], n=8, new_tokens=L, seed=9)
+    np.testing.assert_array_equal(shuffled.tokens, together.tokens[order])
+    np.testing.assert_array_equal(shuffled.token_logprobs, together.token_logprobs[order])
+    more = sampler.sample(pre[:1], ids[:1], n=12, new_tokens=L, seed=9)
+    np.testing.assert_array_equal(more.tokens[0, :8], together.tokens[0])
+    batched = Sampler(llama, top_k=4, batch_samples=64).sample(pre, ids, n=8, new_tokens=L, seed=9)
+    np.testing.assert_array_equal(batched.tokens, together.tokens)
+    assert not np.array_equal(sampler.sample(pre, ids, n=8, new_tokens=L, seed=10).tokens, together.tokens)
+
+
+def test_models_the_llama_path_does_not_compute_take_the_generic_path(llama_prefixes) -> None:
+    pre, ids = llama_prefixes
+    others = {
+        # not Llama-shaped: GPT-NeoX (fused qkv, parallel residual), Qwen3 (q_norm / k_norm)
+        "gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64,
+        )),
+        "qwen3": tiny_causal_lm(Qwen3Config, Qwen3ForCausalLM, head_dim=8),
+        # Llama-shaped, computes otherwise: rejected by the construction-time probe
+        "granite": tiny_causal_lm(
+            GraniteConfig, GraniteForCausalLM, embedding_multiplier=12.0, residual_multiplier=0.25, logits_scaling=8.0,
+        ),
+    }
+    for name, model in others.items():
+        sampler = Sampler(model.eval(), batch_samples=8)
+        assert sampler.path == "generic-dynamic-cache", name
+        out = sampler.sample(pre, ids, n=4, new_tokens=L, seed=1)
+        np.testing.assert_allclose(out.token_logprobs, full_forward_logprobs(model, pre, out.tokens), atol=2e-5)
+    # A window shorter than prefix + continuation: the generic path for that call.
+    mistral = tiny_causal_lm(MistralConfig, MistralForCausalLM, sliding_window=8)
+    sampler = Sampler(mistral, batch_samples=8)
+    assert sampler.path == "llama-shared-prefix"
     out = sampler.sample(pre, ids, n=4, new_tokens=L, seed=1)
-    np.testing.assert_allclose(out.token_logprobs, full_forward_logprobs(model, pre, out.tokens), atol=2e-5)
+    assert sampler.path == "generic-dynamic-cache"
+    np.testing.assert_allclose(out.token_logprobs, full_forward_logprobs(mistral, pre, out.tokens), atol=2e-5)
 
 
 def test_rejects_sequences_beyond_the_models_positions(gpt2) -> None:
