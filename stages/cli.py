@@ -267,6 +267,31 @@ def bench_ebm(
     typer.echo(bench_ebm.format_report(bench_ebm.ebm_benchmark(dataset, bit_star, batch)))
 
 
+@bench_app.command("gpu")
+@_user_errors
+def bench_gpu(
+    windows: Annotated[Path, typer.Option(help="windows Parquet file (test split) to sample and score")] = Path(
+        "data/news/windows/test.parquet"),
+    lm: Annotated[Path, typer.Option(help="the base LM (a saved HF causal LM)")] = Path("models/news/lm/base"),
+    energy: Annotated[Path, typer.Option(help="an energy model that reads LM token ids")] = Path(
+        "models/news/energy/bit"),
+    device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu")] = "auto",
+    samples: Annotated[int, typer.Option(help="LM samples per test prefix for the Table-1 range")] = 20000,
+    n_windows: Annotated[int, typer.Option("--n-windows", help="test windows for the Table-1 range")] = 4,
+    prefix_len: Annotated[int, typer.Option(help="tokenize.prefix_len of the windows")] = 120,
+    scale: Annotated[float, typer.Option(help="shrink every batch and count (below 1: a CPU dry run)")] = 1.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Training, sampling and scoring throughput on one CUDA device, device-vs-CPU agreement, and a
+    Table-1 range with its convergence verdict (imports neither pydantic, Ray nor DVC)."""
+    from pipeline.tools import bench_gpu
+
+    report = bench_gpu.gpu_check(windows, lm, energy, device, samples, n_windows, prefix_len, scale)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    typer.echo(bench_gpu.format_report(report))
+
+
 # --------------------------------------------------------------------------- humaneval
 humaneval_app = typer.Typer(
     help="Human evaluation (paper Table 2, Appendix A.4): export an A/B sheet, score the votes.",

@@ -13,46 +13,9 @@ import torch
 
 from pipeline.core.config import LMVariantConfig, RalmConfig, TokenizeConfig, load_device, load_section, load_subsection
 from pipeline.core.errors import RebmError
+from pipeline.tools.throughput import lm_flops_per_token, matmul_peak_gflops, sync
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------- shared: matmul peak
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    """Best observed GFLOP/s of an n x n matrix multiply (2 n^3 flops) in `dtype` on `device`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    best, spent = 0.0, 0.0
-    while spent < seconds:
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        dt = time.perf_counter() - t0
-        spent += dt
-        best = max(best, 2 * n**3 / dt / 1e9)
-    return best
-
-
-# --------------------------------------------------------------------------- training benchmark
-def lm_flops_per_token(config, seq_len: int, backward: bool = True) -> float:
-    """Matmul flops per token of a GPT-2-style LM: 2 flops per weight (blocks + output head) and
-    4·L·d·T for attention scores and values, forward; training (forward + backward) is 3x that."""
-    d, n_layer, vocab = config.n_embd, config.n_layer, config.vocab_size
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config)
-    block_params = sum(p.numel() for p in model.transformer.h.parameters())
-    forward = 2 * (block_params + vocab * d) + 4 * n_layer * d * seq_len
-    return forward * (3 if backward else 1)
 
 
 def _bench_model(params: Path, variant: str, vocab_size: int, seq_len: int):
@@ -111,7 +74,7 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
         optimizer = optimizer_for(model, optim)
         times = []
         for i in range(warmup + steps):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 loss = model(input_ids=batch, labels=batch).loss
@@ -119,7 +82,7 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]  # median
