@@ -8,9 +8,11 @@
     Fig. 1   per-position perplexity by Eq. 5 on a subset of windows, the last position also
              exactly, by scoring every vocabulary token
 
-LM samples and energies are computed on the Ray actor pool. Finished parts are kept in
-results/<dataset>/.evaluation.tmp-checkpoint, so an interrupted run resumes; outputs go to
-results/<dataset>/evaluation/.
+The LM samples are streamed: chunks of `stream_samples` per prefix are drawn, scored by every
+energy and dropped on one pool of Ray actors (each holds the base LM and the energies), so
+memory holds per-prefix energies, never the samples' tokens. LM log-probs, each finished chunk
+and each energy's real-window scores are kept in results/<dataset>/.evaluation.tmp-checkpoint,
+so an interrupted run resumes; outputs go to results/<dataset>/evaluation/.
 """
 
 from __future__ import annotations
@@ -57,13 +59,8 @@ def run(
     lm_logprobs = {v: work.lm_logprobs(v, d) for v, d in lm_dirs.items()}
     last_lm = work.last_position_lm(lm_dirs["base"], exact_rows) if len(exact_rows) else None
     with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker):
-        log_z_tokens = work.lm_samples(lm_dirs["base"], log_z_seed(seed), cfg.log_z_samples)
-        position_tokens = work.position_samples(lm_dirs["base"], position_rows) if len(position_rows) else None
-        energies = {
-            v: work.energies(v, d, log_z_tokens, position_tokens if v in cfg.positions.energies else None,
-                             exact_rows, last_lm, dataset)
-            for v, d in energy_dirs.items()
-        }
+        streamed = work.sample_energies(lm_dirs["base"], energy_dirs, log_z_seed(seed), position_rows)
+        energies = {v: work.energies(v, d, streamed[v], exact_rows, last_lm, dataset) for v, d in energy_dirs.items()}
 
     result = summarise(
         EvaluationInputs(

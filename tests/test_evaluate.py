@@ -214,6 +214,119 @@ def test_verdicts_reference_points_and_intervals(project: Path, result: dict) ->
     assert bit["verdict"] in table and "self-normalised" in table
 
 
+def assert_close(a, b, rel: float, path: str = "") -> None:
+    """Nested metrics equal, numbers within `rel` (bools, strings and shapes exactly)."""
+    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, (path, a, b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, rel, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-12), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_samples_stream_in_chunks_each_checkpointed(project: Path, result: dict, tmp_path: Path, monkeypatch) -> None:
+    """stream_samples 3 (n = 8, Figure 1's s = 6): log Z chunks 0-3, 3-6, 6-8 and two Figure 1 chunks, each a
+    checkpoint part; a run killed after two chunks draws only the other three, and the metrics are those of
+    one chunk (only energy batches of other sizes differ, in float32's last bits)."""
+    import shutil
+
+    from pipeline.core.io import ArrayCheckpoint
+    from pipeline.estimation.evaluation_work import EvaluationWork
+
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    real_save, real_sample = ArrayCheckpoint.save, EvaluationWork._sample
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(self, name, key, **arrays):
+        real_save(self, name, key, **arrays)
+        if name == "log_z_samples_3-6":
+            raise Crash
+
+    monkeypatch.setattr(ArrayCheckpoint, "save", save_then_crash)
+    with pytest.raises(Crash):
+        evaluate(root, evaluate__stream_samples=3)
+    checkpoint = root / "results/toy/.evaluation.tmp-checkpoint"
+    assert sorted(p.name for p in checkpoint.glob("*_samples_*")) == ["log_z_samples_0-3.npz", "log_z_samples_3-6.npz"]
+    with np.load(checkpoint / "log_z_samples_3-6.npz") as part:  # energies only, one array per energy
+        assert sorted(part.files) == ["__key__", "bit", "unit"] and part["bit"].shape == (N_TEST, 3)
+
+    drawn: list[str] = []
+
+    def count(self, model_dir, energy_dirs, chunks):
+        drawn.extend(chunk.name for chunk in chunks)
+        return real_sample(self, model_dir, energy_dirs, chunks)
+
+    monkeypatch.setattr(ArrayCheckpoint, "save", real_save)
+    monkeypatch.setattr(EvaluationWork, "_sample", count)
+    resumed = evaluate(root, evaluate__stream_samples=3)
+    assert drawn == ["log_z_samples_6-8", "position_samples_0-3", "position_samples_3-6"]
+    assert not checkpoint.exists()
+    assert_close(without_wall(resumed), without_wall(result), rel=1e-5)
+
+
+def streamed_peak(root: Path, scratch: Path, n: int) -> tuple[int, dict]:
+    """Peak traced memory (Python objects and numpy buffers, worker included: num_workers 0) of
+    `EvaluationWork.sample_energies` with n log Z samples per prefix, 256 per chunk."""
+    import gc
+    import tracemalloc
+
+    from pipeline.core.config import EvaluateConfig, NegativesConfig, load_section
+    from pipeline.core.io import ArrayCheckpoint
+    from pipeline.core.paths import DatasetPaths
+    from pipeline.data.tokenization import read_windows
+    from pipeline.estimation.evaluation_work import EvaluationWork
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"].update(n_eval={"unit": n, "bit": n}, stream_samples=256, batch_size=64)
+    path = scratch / f"params-{n}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cfg, neg = load_section(EvaluateConfig, "evaluate", path), load_section(NegativesConfig, "negatives", path)
+    paths = DatasetPaths("toy", root)
+    ids, windows = read_windows(paths.windows_split("test"))
+    checkpoint = ArrayCheckpoint(scratch / f"checkpoint-{n}")
+    real_save = checkpoint.save
+
+    def save(name, key, **arrays):  # free the forward passes' cyclic garbage: measure what is held
+        real_save(name, key, **arrays)
+        gc.collect()
+
+    checkpoint.save = save
+    work = EvaluationWork(ids, windows, PREFIX, paths.tokenizer, cfg, neg, torch.device("cpu"), 7, checkpoint, False)
+    energy_dirs = {v: paths.energy(v) for v in cfg.energies}
+    for model_dir in (paths.lm("base"), *energy_dirs.values()):
+        work._model_key(model_dir)  # hashing the models' files is not the sample path
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out = work.sample_energies(paths.lm("base"), energy_dirs, 11, np.arange(0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, out
+
+
+def test_peak_memory_of_the_samples_does_not_grow_with_their_tokens(project: Path, tmp_path: Path) -> None:
+    streamed_peak(project, tmp_path, 32)  # first-time imports and caches
+    small, _ = streamed_peak(project, tmp_path, 64)
+    large, out = streamed_peak(project, tmp_path, 2048)
+    assert out["bit"]["samples"].shape == (N_TEST, 2048) and np.isfinite(out["bit"]["samples"]).all()
+    energies = 2 * N_TEST * (2048 - 64) * 8  # the per-prefix float64 energies of unit and bit
+    tokens = N_TEST * (2048 - 64) * SEQ * 8  # what holding the samples as int64 windows would add
+    print(f"peak {small:,} B at n = 64, {large:,} B at n = 2048: +{large - small:,} B "
+          f"(energies +{energies:,} B, tokens would be +{tokens:,} B)")
+    assert large - small < 2 * energies + 128 * 1024 < tokens
+
+
 # --------------------------------------------------------------------------- estimators
 def test_per_position_bounds_telescope_to_the_sequence_likelihood() -> None:
     """With one energy per column, Eq. 5's terms telescope: Σ_t log P(x_t|x_<t) = log P_LM − E(x) − (−c_0)."""

@@ -265,3 +265,20 @@ def test_models_the_llama_path_does_not_compute_take_the_generic_path(llama_pref
 def test_rejects_sequences_beyond_the_models_positions(gpt2) -> None:
     with pytest.raises(ValueError, match="positions"):
         Sampler(gpt2).sample(np.zeros((1, 30), dtype=np.int64), np.array([0]), n=2, new_tokens=5, seed=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_range_of_sample_indices_is_that_range_of_one_draw(gpt2, prefixes, fast: bool) -> None:
+    """first_sample: samples k0 … k1−1 drawn alone are those indices of one draw (the same uniforms).
+    The ranges batch other row counts, which may move log-probs in the last bits; on this GPT-2 the
+    tokens are the same."""
+    pre, ids = prefixes
+    np.testing.assert_array_equal(sample_uniforms(5, ids, 4, L, first_sample=5), sample_uniforms(5, ids, 9, L)[:, 5:])
+    sampler = Sampler(gpt2, batch_samples=64, fast=fast)
+    whole = sampler.sample(pre, ids, n=12, new_tokens=L, seed=5)
+    parts = [sampler.sample(pre, ids, n=k1 - k0, new_tokens=L, seed=5, first_sample=k0)
+             for k0, k1 in ((0, 5), (5, 9), (9, 12))]
+    np.testing.assert_array_equal(np.concatenate([p.tokens for p in parts], axis=1), whole.tokens)
+    np.testing.assert_allclose(np.concatenate([p.token_logprobs for p in parts], axis=1), whole.token_logprobs,
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate([p.logprob for p in parts], axis=1), whole.logprob, atol=1e-4, rtol=0)

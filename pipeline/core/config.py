@@ -440,6 +440,9 @@ class EvaluateConfig(Section):
     precision: Precision = "auto"
     batch_size: int = Field(default=64, gt=0)
     shard_sequences: int = Field(default=256, gt=0)
+    # LM samples per prefix per chunk: samples are drawn, scored and dropped chunk by chunk (each
+    # chunk checkpointed), so memory holds per-prefix energies, never every sample's tokens
+    stream_samples: int = Field(default=1024, gt=0)
     num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns

@@ -1,14 +1,29 @@
-"""The evaluate stage's heavy parts, each checkpointed: LM log-probs, LM samples, energies.
+"""The evaluate stage's heavy parts, each checkpointed: LM log-probs, the energies of the LM
+samples (streamed), the energies of the real windows and of the last-position candidates.
 
 Every part is saved in the stage's `ArrayCheckpoint` under a fingerprint of what it depends on
 (the windows, the models' bytes, the settings that change its numbers), so a killed run
 resumes at the first missing part and a changed input recomputes only what it touches.
+
+The LM samples are streamed: the estimators need only the energy of each sample, never its
+tokens, so samples are drawn, scored and dropped in chunks. A chunk is one range of
+`evaluate.stream_samples` sample indices of every test prefix (log Z) or of every Figure 1
+(window, start) prefix; it has one job per prefix. Every missing chunk's jobs run on ONE pool
+(opened once, fed chunk after chunk, shut down at the end) of `SampleEnergyWorker`s, each holding
+the base LM and every energy: a worker draws its job's samples in forward batches of
+`negatives.batch_samples`, scores each batch with every energy whose n_eval covers it and
+returns only the energies. A chunk becomes one checkpoint part when its last job is in. Memory
+thus holds the per-prefix energies ([N, n_eval[e]] float64 per energy, [W, L, s] per Figure 1
+energy) and one forward batch of tokens per worker, whatever n. Sample k of a prefix is drawn
+with the uniforms of index k (`first_sample`), so chunking does not change the draws; only a
+forward batch of another size could change the last bits of the LM's numerics.
 `pipeline.estimation.evaluation_summary.summarise` turns the arrays into Table 1 and the figures.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +35,56 @@ from pipeline.core.io import ArrayCheckpoint, fingerprint
 from pipeline.core.precision import pool_device, resolve_dtype
 from pipeline.core.seeds import position_seed
 from pipeline.estimation.evaluation import completed_windows, last_position_candidates
-from pipeline.sampling.negatives import model_digest
+from pipeline.sampling.negatives import SampleJob, model_digest
+
+
+class SampleEnergyWorker:
+    """A pool worker holding the base LM (a `SamplerWorker`) and energies (`EnergyWorker`s):
+    `sample_energies` draws one job's LM samples and returns only their energies."""
+
+    def __init__(self, lm_source: str | list, energy_sources: dict[str, str | list], tokenizer_source: str | list,
+                 threads: int, batch_samples: int, dtype: str, precision: str, batch_size: int, device: str = "cpu"):
+        from pipeline.estimation.scoring import EnergyWorker
+        from pipeline.sampling.negatives import SamplerWorker
+
+        self.lm = SamplerWorker(lm_source, threads, 0, batch_samples, dtype, device)  # top_k 0: the full distribution
+        self.energies = {v: EnergyWorker(source, tokenizer_source, threads, precision, batch_size, device)
+                         for v, source in energy_sources.items()}
+        self.batch_samples = max(1, batch_samples)
+
+    def ready(self) -> dict:
+        return {**self.lm.ready(), "energies": sorted(self.energies)}
+
+    def sample_energies(self, window_ids: np.ndarray, prefixes: np.ndarray, n: int, new_tokens: int, seed: int,
+                        first_sample: int, counts: dict[str, int]) -> dict[str, np.ndarray]:
+        """E of [prefix | sample] for samples first_sample … first_sample + n − 1 of each prefix [W, p]:
+        {energy: [W, counts[energy]]}, each energy scoring the first counts[energy] of them."""
+        W = len(prefixes)
+        out = {v: np.empty((W, c)) for v, c in counts.items()}
+        for a in range(0, n, self.batch_samples):
+            m = min(self.batch_samples, n - a)
+            tokens = self.lm.sample(window_ids, prefixes, m, new_tokens, seed, first_sample + a)["tokens"]
+            full = completed_windows(prefixes, prefixes.shape[1], tokens.astype(np.int64))  # [W, m, T]
+            for v, c in counts.items():
+                k = min(c - a, m)
+                if k > 0:
+                    out[v][:, a : a + k] = self.energies[v].score(full[:, :k].reshape(W * k, -1)).reshape(W, k)
+        return out
+
+
+@dataclass
+class _Chunk:
+    """One checkpoint part of the streamed samples: sample indices k0 … k0 + n − 1 of every job's prefix."""
+
+    name: str
+    key: str
+    k0: int
+    jobs: list[SampleJob]  # key: the index of the job's row in each out array
+    counts: dict[str, int]  # energy -> how many of the chunk's samples it scores (the first ones)
+    out: dict[str, np.ndarray]  # energy -> the stage's array [..., n]; the chunk fills [..., k0 : k0 + count]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {v: self.out[v][..., self.k0 : self.k0 + c] for v, c in self.counts.items()}
 
 
 class EvaluationWork:
@@ -84,73 +148,130 @@ class EvaluationWork:
         key = fingerprint(self.data_key, self._model_key(model_dir), rows)
         return self._cached("last_position_lm", key, compute)["logprobs"]
 
-    def _sample(self, model_dir: Path, rows: np.ndarray, starts: list[int], n: int, seed_of, desc: str) -> np.ndarray:
-        """n full-distribution completions of x_<start for each row and start: [len(starts), R, n, T].
+    # -- LM samples, streamed into their energies ----------------------------------------------
+    def sample_energies(self, model_dir: Path, energy_dirs: dict[str, Path], seed: int,
+                        position_rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Energies of the LM samples, per energy: "samples" [N, n_eval[e]], of the log Z samples of
+        every test prefix (seeded by `seed`), and, for a Figure 1 energy, "positions" [W, L, s], of
+        the completions of x_<start for start = p … T−1 on `position_rows` (Eq. 5's x').
 
-        One job per (start, row), so two actors share the work of a few windows; each sample's
+        Streamed in chunks of `stream_samples` per prefix (module docstring); finished chunks are
+        loaded from the checkpoint and only the missing ones are drawn.
+        """
+        started = time.perf_counter()
+        cfg, (N, T), p = self.cfg, self.windows.shape, self.p
+        step = cfg.stream_samples
+        lm_key = self._model_key(model_dir)
+        energy_keys = {v: self._model_key(d) for v, d in energy_dirs.items()}
+        # What a chunk's numbers depend on besides its models and sample range (see SampleEnergyWorker).
+        settings = [self.neg.batch_samples, self.sample_dtype, cfg.precision, cfg.batch_size]
+        prefixes: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (id, prefix), shared by their jobs
+
+        def job(index: tuple, row: int, start: int, n: int, job_seed: int, k0: int) -> SampleJob:
+            if (row, start) not in prefixes:
+                prefixes[row, start] = (self.window_ids[[row]],
+                                        np.ascontiguousarray(self.windows[[row], :start], dtype=np.int64))
+            return SampleJob(index, *prefixes[row, start], n, T - start, job_seed, k0)
+
+        out = {v: {"samples": np.empty((N, cfg.n_eval[v]))} for v in energy_dirs}
+        chunks = []
+        n_max = max((cfg.n_eval[v] for v in energy_dirs), default=0)
+        for k0 in range(0, n_max, step):
+            k1 = min(k0 + step, n_max)
+            counts = {v: min(k1, cfg.n_eval[v]) - k0 for v in energy_dirs if cfg.n_eval[v] > k0}
+            key = fingerprint(self.data_key, lm_key, seed, k0, k1, settings,
+                              [[v, energy_keys[v], c] for v, c in counts.items()])
+            chunks.append(_Chunk(f"log_z_samples_{k0}-{k1}", key, k0,
+                                 [job((j,), j, p, k1 - k0, seed, k0) for j in range(N)],
+                                 counts, {v: out[v]["samples"] for v in counts}))
+        figure1 = [v for v in cfg.positions.energies if v in energy_dirs] if len(position_rows) else []
+        s = cfg.positions.samples
+        for v in figure1:
+            out[v]["positions"] = np.empty((len(position_rows), T - p, s))
+        for k0 in range(0, s if figure1 else 0, step):
+            k1 = min(k0 + step, s)
+            key = fingerprint(self.data_key, lm_key, position_rows, k0, k1, settings,
+                              [[v, energy_keys[v]] for v in figure1])
+            jobs = [job((j, i), row, start, k1 - k0, position_seed(self.seed, start), k0)
+                    for i, start in enumerate(range(p, T)) for j, row in enumerate(position_rows)]
+            chunks.append(_Chunk(f"position_samples_{k0}-{k1}", key, k0, jobs, dict.fromkeys(figure1, k1 - k0),
+                                 {v: out[v]["positions"] for v in figure1}))
+
+        missing = []
+        for chunk in chunks:
+            self.part_keys[chunk.name] = chunk.key
+            arrays = self.checkpoint.load(chunk.name, chunk.key)
+            if arrays is None or set(arrays) != set(chunk.counts):
+                missing.append(chunk)
+                continue
+            for v, a in arrays.items():
+                chunk.out[v][..., chunk.k0 : chunk.k0 + a.shape[-1]] = a
+        if missing:
+            self._sample(model_dir, energy_dirs, missing)
+        self.wall["sample_energies"] = time.perf_counter() - started
+        return out
+
+    def _sample(self, model_dir: Path, energy_dirs: dict[str, Path], chunks: list[_Chunk]) -> None:
+        """Draw and score every job of `chunks` on one pool of SampleEnergyWorkers (opened here, once,
+        and fed chunk after chunk); each chunk is saved to the checkpoint as its last job lands.
+
+        One job per (prefix, chunk), so actors share the work of a few windows; each sample's
         randomness is a hash of (seed, window_id, sample index, step), so the grouping does not
         change the draws.
         """
-        from pipeline.sampling.negatives import SampleJob, run_sample_jobs
+        from pipeline.sampling.actor_pool import PoolStats, Task, make_pool, ship
 
-        T = self.windows.shape[1]
-        out = np.empty((len(starts), len(rows), n, T), dtype=np.int64)
-        jobs = [
-            SampleJob((i, j), self.window_ids[[row]], np.ascontiguousarray(self.windows[[row], :start]), n,
-                      T - start, seed_of(start))
-            for i, start in enumerate(starts) for j, row in enumerate(rows)
-        ]
+        local = self.pool["num_workers"] == 0
+        saved_threads = torch.get_num_threads()
+        tasks = [Task((c, *job.key), "sample_energies", (job.window_ids, job.prefixes, job.n, job.new_tokens,
+                                                          job.seed, job.first_sample, chunk.counts), (chunk, job))
+                 for c, chunk in enumerate(chunks) for job in chunk.jobs]
+        left = [len(chunk.jobs) for chunk in chunks]
+        bar = tqdm(total=sum(len(chunk.jobs) * chunk.jobs[0].n for chunk in chunks if chunk.jobs), unit="sample",
+                   desc="LM samples -> energies", disable=not self.progress)
 
-        def done(job: SampleJob, result: dict) -> None:
-            i, j = job.key
-            out[i, j] = completed_windows(self.windows[[rows[j]]], starts[i], result["tokens"].astype(np.int64))[0]
+        def done(task: Task, result: dict[str, np.ndarray]) -> None:
+            chunk, job = task.payload
+            for v, energies in result.items():
+                chunk.out[v][job.key][chunk.k0 : chunk.k0 + energies.shape[1]] = energies[0]
+            bar.update(job.n)
+            left[task.key[0]] -= 1
+            if left[task.key[0]] == 0:
+                self.checkpoint.save(chunk.name, chunk.key, **chunk.arrays())
 
-        run_sample_jobs(model_dir, jobs, done, top_k=0, batch_samples=self.neg.batch_samples, dtype=self.sample_dtype,
-                        desc=desc, progress=self.progress, **self.pool)
-        return out
-
-    def lm_samples(self, model_dir: Path, seed: int, n: int) -> np.ndarray:
-        """n LM continuations of every test prefix, as windows [N, n, T]: the log Z samples."""
-        rows = np.arange(len(self.windows))
-        key = fingerprint(self.data_key, self._model_key(model_dir), seed, n, self.neg.batch_samples, self.sample_dtype)
-        return self._cached("log_z_samples", key, lambda: {"tokens": self._sample(
-            model_dir, rows, [self.p], n, lambda _: seed, "log Z LM samples")[0]})["tokens"]
-
-    def position_samples(self, model_dir: Path, rows: np.ndarray) -> np.ndarray:
-        """For each start index p..T−1: LM completions of x_<start, as windows [W, L, s, T] (Eq. 5's x')."""
-        T, s = self.windows.shape[1], self.cfg.positions.samples
-        key = fingerprint(self.data_key, self._model_key(model_dir), rows, s, self.neg.batch_samples, self.sample_dtype)
-
-        def compute() -> dict[str, np.ndarray]:
-            tokens = self._sample(model_dir, rows, list(range(self.p, T)), s, lambda start: position_seed(self.seed, start),
-                                  "per-position LM samples")
-            return {"tokens": tokens.transpose(1, 0, 2, 3)}
-
-        return self._cached("position_samples", key, compute)["tokens"]
+        try:
+            pool = make_pool(
+                SampleEnergyWorker,
+                (ship(model_dir, local), {v: ship(d, local) for v, d in energy_dirs.items()},
+                 ship(self.tokenizer_dir, local, require_config=False),
+                 torch.get_num_threads() if local else self.pool["cpus_per_worker"], self.neg.batch_samples,
+                 self.sample_dtype, self.cfg.precision, self.cfg.batch_size, self.pool["device"]),
+                self.pool["num_workers"], self.pool["cpus_per_worker"], name="evaluate: LM samples and energies",
+                gpus_per_worker=self.pool["gpus_per_worker"])
+            try:
+                pool.run(tasks, done, PoolStats())
+            finally:
+                pool.shutdown()
+        finally:
+            bar.close()
+            torch.set_num_threads(saved_threads)
 
     # -- energies ----------------------------------------------------------------------------
-    def energies(self, variant: str, energy_dir: Path, log_z_tokens: np.ndarray, position_tokens: np.ndarray | None,
-                 exact_rows: np.ndarray, last_lm: np.ndarray | None, dataset: str) -> dict[str, np.ndarray]:
-        """Energies of the real windows, of their first n_eval[variant] LM samples and, for a
-        Figure 1 energy, of the per-position completions and the |V| last-position candidates."""
+    def energies(self, variant: str, energy_dir: Path, streamed: dict[str, np.ndarray], exact_rows: np.ndarray,
+                 last_lm: np.ndarray | None, dataset: str) -> dict[str, np.ndarray]:
+        """Energies of the real windows and, for a Figure 1 energy, of the |V| last-position candidates,
+        with the streamed energies of the LM samples (`sample_energies`) alongside."""
         from pipeline.estimation.scoring import score_energies
 
         cfg = self.cfg
-        N, T = self.windows.shape
-        n = cfg.n_eval[variant]
-        blocks = {"real": self.windows, "samples": log_z_tokens[:, :n].reshape(-1, T)}
-        if position_tokens is not None:
-            blocks["positions"] = position_tokens.reshape(-1, T)
-            if len(exact_rows):
-                vocab = last_lm.shape[-1]
-                blocks["last_candidates"] = np.concatenate(
-                    [last_position_candidates(w, vocab) for w in self.windows[exact_rows]])
-        # The sampled blocks are named by the keys they were drawn under (hashing the arrays again
-        # would read tens of MB per energy); the windows are in data_key.
+        blocks = {"real": self.windows}
+        if "positions" in streamed and len(exact_rows):
+            vocab = last_lm.shape[-1]
+            blocks["last_candidates"] = np.concatenate(
+                [last_position_candidates(w, vocab) for w in self.windows[exact_rows]])
+        last_lm_key = self.part_keys["last_position_lm"] if "last_candidates" in blocks else None
         key = fingerprint(self.data_key, self._model_key(energy_dir), cfg.precision, cfg.batch_size,
-                          cfg.shard_sequences, n, self.part_keys["log_z_samples"],
-                          self.part_keys["position_samples"] if position_tokens is not None else None,
-                          self.part_keys["last_position_lm"] if "last_candidates" in blocks else None)
+                          cfg.shard_sequences, last_lm_key)
 
         def compute() -> dict[str, np.ndarray]:
             everything = np.concatenate(list(blocks.values()))
@@ -164,11 +285,8 @@ class EvaluationWork:
             for name, block in blocks.items():
                 out[name] = scored[offset : offset + len(block)]
                 offset += len(block)
-            out["samples"] = out["samples"].reshape(N, n)
-            if "positions" in out:
-                out["positions"] = out["positions"].reshape(position_tokens.shape[:3])
             if "last_candidates" in out:
                 out["last_candidates"] = out["last_candidates"].reshape(len(exact_rows), -1)
             return out
 
-        return self._cached(f"energies_{variant}", key, compute)
+        return {**self._cached(f"energies_{variant}", key, compute), **streamed}

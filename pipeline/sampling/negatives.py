@@ -219,8 +219,9 @@ class SamplerWorker:
     def ready(self) -> dict:
         return {**worker_info(self.device), "path": self.sampler.path}
 
-    def sample(self, window_ids: np.ndarray, prefixes: np.ndarray, n: int, new_tokens: int, seed: int) -> dict:
-        out = self.sampler.sample(prefixes, window_ids, n, new_tokens, seed)
+    def sample(self, window_ids: np.ndarray, prefixes: np.ndarray, n: int, new_tokens: int, seed: int,
+               first_sample: int = 0) -> dict:
+        out = self.sampler.sample(prefixes, window_ids, n, new_tokens, seed, first_sample)
         self.shards_done += 1
         return {"tokens": out.tokens, "token_logprobs": out.token_logprobs, "logprob": out.logprob}
 
@@ -240,7 +241,8 @@ def sampler_pool(model_dir: Path, num_workers: int, cpus_per_worker: float, gpus
 
 @dataclass(frozen=True)
 class SampleJob:
-    """n continuations of `new_tokens` tokens for each prefix, seeded by (seed, window_id, index)."""
+    """n continuations of `new_tokens` tokens for each prefix, seeded by (seed, window_id, index):
+    sample indices first_sample … first_sample + n − 1 (a range of a larger draw)."""
 
     key: Any
     window_ids: np.ndarray
@@ -248,6 +250,7 @@ class SampleJob:
     n: int
     new_tokens: int
     seed: int
+    first_sample: int = 0
 
 
 def run_sample_jobs(
@@ -281,7 +284,8 @@ def run_sample_jobs(
                         device, desc)
     stats = stats if stats is not None else PoolStats()
     stats.workers = pool.info
-    tasks = [Task(job.key, "sample", (job.window_ids, job.prefixes, job.n, job.new_tokens, job.seed), job) for job in jobs]
+    tasks = [Task(job.key, "sample", (job.window_ids, job.prefixes, job.n, job.new_tokens, job.seed, job.first_sample),
+                  job) for job in jobs]
     bar = tqdm(total=sum(len(j.window_ids) * j.n for j in jobs), unit="sample", desc=desc, disable=not progress)
 
     def done(task: Task, result: dict) -> None:

@@ -62,11 +62,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def sample_uniforms(seed: int, window_ids: np.ndarray, n: int, steps: int) -> np.ndarray:
-    """float64 [W, n, steps] in [0, 1): u = hash(seed, window_id, sample_idx, step)."""
+def sample_uniforms(seed: int, window_ids: np.ndarray, n: int, steps: int, first_sample: int = 0) -> np.ndarray:
+    """float64 [W, n, steps] in [0, 1): u = hash(seed, window_id, sample_idx, step), for
+    sample_idx = first_sample … first_sample + n − 1 (so a range of samples is drawn alone)."""
     with np.errstate(over="ignore"):
         w = np.asarray(window_ids, dtype=np.int64).astype(np.uint64)[:, None, None]
-        s = np.arange(n, dtype=np.uint64)[None, :, None]
+        s = np.arange(first_sample, first_sample + n, dtype=np.uint64)[None, :, None]
         t = np.arange(steps, dtype=np.uint64)[None, None, :]
         h = _splitmix64(np.full((1, 1, 1), seed & _MASK64, dtype=np.uint64))
         h = _splitmix64(h ^ w)
@@ -430,8 +431,10 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(
-        self, prefixes: np.ndarray, window_ids: np.ndarray, n: int, new_tokens: int, seed: int
+        self, prefixes: np.ndarray, window_ids: np.ndarray, n: int, new_tokens: int, seed: int, first_sample: int = 0
     ) -> Samples:
+        """Samples first_sample … first_sample + n − 1 of every prefix: those indices of a single draw
+        of first_sample + n (the same uniforms; batch composition aside, the same tokens)."""
         prefixes = np.asarray(prefixes, dtype=np.int64)
         window_ids = np.asarray(window_ids, dtype=np.int64)
         if prefixes.ndim != 2 or len(prefixes) != len(window_ids):
@@ -454,7 +457,7 @@ class Sampler:
         parts = []
         for start in range(0, len(prefixes), per_batch):
             ids = window_ids[start : start + per_batch]
-            u = torch.from_numpy(sample_uniforms(seed, ids, n, new_tokens)).to(device)  # float64, bit-exact
+            u = torch.from_numpy(sample_uniforms(seed, ids, n, new_tokens, first_sample)).to(device)  # float64, bit-exact
             batch = torch.from_numpy(np.array(prefixes[start : start + per_batch])).to(device)
             if fast is not None:
                 tokens, token_lp = fast.sample(batch, u, self.top_k)

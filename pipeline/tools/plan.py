@@ -576,9 +576,7 @@ def dataset_rows(
             part += " + Fig. 1"
         row("evaluate", part, names[energy], sizes[energy], seqs, _mul(seqs, T), "forward")
     if te_eval is not None:
-        held = te_eval * n_draw + (W or 0) * L * s + (exact or 0) * (vocab or 0)
-        notes.append(f"evaluate holds every scored sequence in memory at once: {held:,} x T int64 ≈ "
-                     f"{held * T * 8 / 1e9:,.1f} GB per energy model")
+        notes.append(_evaluate_memory(ev, neg, te_eval, W or 0, exact or 0, vocab, L, T))
 
     # -- generate --------------------------------------------------------------------------
     Wg = None if te is None else min(gen.windows, te) if gen.windows else te
@@ -591,6 +589,32 @@ def dataset_rows(
     row("generate", f"energies {gen.energy}: gold + samples", names[gen.energy], sizes[gen.energy], seqs,
         _mul(seqs, T), "forward")
     return rows, notes
+
+
+def _evaluate_memory(ev: C.EvaluateConfig, neg: C.NegativesConfig, windows: int, W: int, exact: int,
+                     vocab: int | None, L: int, T: int) -> str:
+    """What evaluate holds at its peak: the LM samples stream (chunks of stream_samples per prefix,
+    drawn, scored and dropped on the workers), so the per-prefix float64 energies of every energy, one
+    forward batch of tokens per worker, and the |V| last-position candidate windows of one energy."""
+    def mb(nbytes: float | None) -> str:
+        if nbytes is None:
+            return "? MB"
+        return f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.1f} MB"
+
+    s = ev.positions.samples
+    energies = {e: 8 * (windows * ev.n_eval[e] + (W * L * s if e in ev.positions.energies else 0)) for e in ev.energies}
+    rows = min(ev.stream_samples, neg.batch_samples, max(ev.log_z_samples, s if W else 0))
+    batch = rows * T * 8
+    candidates = None if vocab is None else exact * vocab * T * 8
+    tokens = None if vocab is None else (windows * ev.log_z_samples + W * L * s + exact * vocab) * T * 8
+    figure1 = f" (a Fig. 1 energy also its {W} x {L} x {s:,})" if W and ev.positions.energies else ""
+    return (f"evaluate streams its LM samples, {ev.stream_samples:,} per prefix per chunk: it keeps their per-prefix "
+            f"float64 energies{figure1}, " + ", ".join(f"{e} {mb(n)}" for e, n in energies.items())
+            + f"; a worker holds one forward batch of {rows:,} samples x T int64 ({mb(batch)}) at a time"
+            + (f"; the exact last position scores {exact} x |V| candidate windows ({mb(candidates)} int64)"
+               if exact else "")
+            + f": peak ≈ {mb(_add(sum(energies.values()), batch, candidates or 0))} on top of the models "
+            + f"(all sample tokens at once would be {mb(tokens)})")
 
 
 def build_plan(
