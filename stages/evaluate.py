@@ -20,10 +20,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.core.config import EvaluateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
+from pipeline.core.config import EvaluateConfig
 from pipeline.core.io import ArrayCheckpoint, require_model
 from pipeline.core.paths import DatasetPaths
-from pipeline.core.precision import pool_device, resolve_device, resolve_precision
+from pipeline.core.pool_stage import load_pool_stage
 from pipeline.core.seeds import log_z_seed
 from pipeline.core.variants import stage_name
 from pipeline.data.tokenization import read_windows
@@ -37,12 +37,8 @@ def run(
     dataset: str, params: Path, root: Path = Path("."), ray_address: str | None = None, progress: bool = True
 ) -> dict:
     started = time.perf_counter()
-    cfg = load_section(EvaluateConfig, "evaluate", params)
-    tok = load_section(TokenizeConfig, "tokenize", params)
-    neg = load_section(NegativesConfig, "negatives", params)
-    seed, device = load_seed(params), resolve_device(load_device(params))
-    work_device = pool_device(cfg.num_workers, cfg.gpus_per_worker, device)  # where samples and energies run
-    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, work_device)})  # auto -> fp32 | bf16
+    stage = load_pool_stage(EvaluateConfig, "evaluate", params)  # precision resolved for the pool's device
+    cfg, tok, neg, seed, device = stage.cfg, stage.tok, stage.neg, stage.seed, stage.device
     paths = DatasetPaths(dataset, root)
 
     window_ids, windows = read_windows(paths.windows_split("test"))

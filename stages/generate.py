@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.core.config import GenerateConfig, NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
+from pipeline.core.config import GenerateConfig, TokenizeConfig, load_device, load_section, load_seed
 from pipeline.core.io import ArrayCheckpoint, require_model, write_json
 from pipeline.core.paths import DatasetPaths
-from pipeline.core.precision import pool_device, resolve_device, resolve_precision
+from pipeline.core.pool_stage import load_pool_stage
+from pipeline.core.precision import resolve_device
 from pipeline.core.variants import stage_name
 from pipeline.generation.algorithm import GenerationWork, generate_for_prompt, side_by_side, write_analyses
 from pipeline.generation.resample import write_generations
@@ -37,12 +38,9 @@ def run(
     dataset: str, params: Path, root: Path = Path("."), ray_address: str | None = None, progress: bool = True
 ) -> dict:
     started = time.perf_counter()
-    cfg = load_section(GenerateConfig, "generate", params)
-    tok = load_section(TokenizeConfig, "tokenize", params)
-    neg = load_section(NegativesConfig, "negatives", params)
-    seed, device = load_seed(params), resolve_device(load_device(params))
-    work_device = pool_device(cfg.num_workers, cfg.gpus_per_worker, device)  # where samples and energies run
-    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, work_device)})  # auto -> fp32 | bf16
+    stage = load_pool_stage(GenerateConfig, "generate", params)  # precision resolved for the pool's device
+    cfg, tok, neg, seed, device, work_device = (stage.cfg, stage.tok, stage.neg, stage.seed, stage.device,
+                                                stage.work_device)
     paths = DatasetPaths(dataset, root)
     lm_dir, energy_dir = _models(paths, cfg.energy)
 
