@@ -49,10 +49,10 @@ def run(
                                          device=work_device, progress=progress)
     gold_lp = work.gold_logprobs(lm_dir, device)
     with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker):
-        samples = work.samples(lm_dir, f"{dataset}: top-{cfg.top_k} LM samples")
-        energies = work.energies(energy_dir, paths.tokenizer, lm_dir, samples, f"{dataset}: energies ({cfg.energy})")
+        drawn = work.sample_energies(lm_dir, energy_dir, paths.tokenizer, f"{dataset}: Algorithm 1 ({cfg.energy})")
+        gold_energies = work.gold_energies(energy_dir, paths.tokenizer)
 
-    table = work.generations(gold_lp, samples, energies, paths.tokenizer)
+    table = work.generations(gold_lp, gold_energies, drawn, paths.tokenizer)
     write_generations(paths.generations_file, table)
     metrics = write_analyses(paths, table, cfg, dataset)
     metrics["energy_input_markers"] = input_markers(energy_dir, paths.tokenizer)

@@ -110,3 +110,41 @@ def test_humaneval_export_reads_the_stage_output(project: Path, metrics: dict, m
     assert (project / "reports/humaneval/sheet.html").exists() and (project / "reports/humaneval/pairs.csv").exists()
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["generations"] == {"toy": str(Path("data/toy/generations/generations.parquet"))}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_generation_streams_by_shard_and_resumes_from_the_finished_ones(project: Path, metrics: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.generation import algorithm
+
+    stage.run("toy", project / "params.yaml", root=project, progress=False)  # an uninterrupted run to compare with
+    first = read_generations(project / "data/toy/generations/generations.parquet")
+    real, calls = algorithm.GenerateWorker.sample_select, []
+
+    def interrupted_at_the_second_shard(self, window_ids, *args):
+        calls.append(len(window_ids))
+        if len(calls) == 2:
+            raise Interrupted
+        out = real(self, window_ids, *args)
+        # a shard comes back with the three picks' tokens, never its n samples' tokens
+        assert {k: v.shape for k, v in out.items()} == {
+            "energies": (len(window_ids), 6), "logprob": (len(window_ids), 6),
+            **{f"{s}_ids": (len(window_ids), SEQ - PREFIX) for s in ("base", "joint", "worst")}}
+        return out
+
+    monkeypatch.setattr(algorithm.GenerateWorker, "sample_select", interrupted_at_the_second_shard)
+    with pytest.raises(Interrupted):
+        stage.run("toy", project / "params.yaml", root=project, progress=False)
+    assert calls == [4, 2]  # shard_windows 4 over the 6 test prefixes
+
+    def counted(self, window_ids, *args):
+        calls.append(len(window_ids))
+        return real(self, window_ids, *args)
+
+    monkeypatch.setattr(algorithm.GenerateWorker, "sample_select", counted)
+    stage.run("toy", project / "params.yaml", root=project, progress=False)
+    assert calls == [4, 2, 2]  # only the missing shard is drawn again
+    assert read_generations(project / "data/toy/generations/generations.parquet").equals(first)

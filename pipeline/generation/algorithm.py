@@ -2,8 +2,9 @@
 
 For each prefix the base LM draws n_gen top-k samples (Ray actors), the energy scores them and
 the real continuation, and one sample is resampled with probability softmax(−E)
-(`pipeline.generation.resample`). `GenerationWork` keeps each finished part (samples,
-energies) in a checkpoint keyed by everything it depends on, so an interrupted stage resumes;
+(`pipeline.generation.resample`). `GenerationWork` streams: a worker draws, scores and picks
+for one shard of prefixes and returns only the picks' tokens, each finished shard kept in a
+checkpoint keyed by everything it depends on, so an interrupted stage resumes;
 `write_analyses` turns the generations into the sample analyses of §4.3.
 """
 
@@ -24,7 +25,7 @@ from pipeline.core.paths import DatasetPaths
 from pipeline.core.seeds import generation_seed, text_key
 from pipeline.core.variants import DISPLAY_NAMES
 from pipeline.estimation.evaluation import evenly_spaced
-from pipeline.sampling.negatives import SampleJob, model_digest, run_sample_jobs
+from pipeline.sampling.negatives import model_digest
 
 
 @dataclass
@@ -81,59 +82,69 @@ class GenerationWork:
         return fingerprint(self.seed, self.prefix_len, self.windows.shape[1], self.window_ids, self.windows, cfg.n_gen,
                            cfg.top_k, cfg.shard_windows, neg.batch_samples, self.sample_dtype, model_digest(lm_dir))
 
-    def samples(self, lm_dir: Path, desc: str) -> dict[str, np.ndarray]:
-        """n_gen top-k LM continuations per prefix and their log-probs (Ray must be up if num_workers > 0)."""
-        cfg, p, (W, T), n = self.cfg, self.prefix_len, self.windows.shape, self.cfg.n_gen
-        t0, key = time.perf_counter(), self.samples_key(lm_dir)
-        samples = self.checkpoint.load("samples", key)
-        if samples is None:
-            samples = {"tokens": np.empty((W, n, T - p), np.int64), "logprob": np.empty((W, n))}
-            jobs = [
-                SampleJob(start, self.window_ids[start : start + cfg.shard_windows],
-                          np.ascontiguousarray(self.windows[start : start + cfg.shard_windows, :p]), n, T - p,
-                          generation_seed(self.seed))
-                for start in range(0, W, cfg.shard_windows)
-            ]
+    def sample_energies(self, lm_dir: Path, energy_dir: Path, lm_tokenizer_dir: Path, desc: str) -> dict:
+        """Algorithm 1's draws, streamed shard by shard (Ray must be up if num_workers > 0).
 
-            def done(job: SampleJob, result: dict) -> None:
-                samples["tokens"][job.key : job.key + len(job.window_ids)] = result["tokens"]
-                samples["logprob"][job.key : job.key + len(job.window_ids)] = result["logprob"]
-
-            run_sample_jobs(lm_dir, jobs, done, top_k=cfg.top_k, batch_samples=self.neg.batch_samples,
-                            dtype=self.sample_dtype, desc=desc, progress=self.progress, **self.pool)
-            self.checkpoint.save("samples", key, **samples)
-        self._timed("sampling", t0)
-        return samples
-
-    def energies(self, energy_dir: Path, lm_tokenizer_dir: Path, lm_dir: Path, samples: dict[str, np.ndarray],
-                 desc: str) -> dict[str, np.ndarray]:
-        """E of every real window ("gold") and of every sample ("samples", W x n)."""
+        A worker draws `n_gen` top-k samples for each prefix of a shard, scores them, picks the
+        base, joint and worst sample, and returns the energies and LM log-probs of all n and the
+        tokens of the three picks only; each finished shard is a checkpoint part. Memory holds
+        W x n floats, never the W x n x L sample tokens.
+        """
         from tqdm import tqdm
 
-        from pipeline.estimation.scoring import score_energies
+        from pipeline.sampling.actor_pool import PoolStats, Task, make_pool, ship
 
         cfg, p, (W, T), n = self.cfg, self.prefix_len, self.windows.shape, self.cfg.n_gen
         t0 = time.perf_counter()
-        key = fingerprint(self.samples_key(lm_dir), model_digest(energy_dir), cfg.precision, cfg.batch_size,
-                          cfg.shard_sequences)
-        energies = self.checkpoint.load("energies", key)
-        if energies is None:
-            sample_windows = np.concatenate(
-                [np.broadcast_to(self.windows[:, None, :p], (W, n, p)), samples["tokens"]], axis=-1
-            ).reshape(W * n, T)
-            with tqdm(total=W * (n + 1), unit="seq", desc=desc, disable=not self.progress) as bar:
-                e = score_energies(
-                    energy_dir, lm_tokenizer_dir, np.concatenate([self.windows, sample_windows]),
-                    shard_sequences=cfg.shard_sequences, batch_size=cfg.batch_size, precision=cfg.precision,
-                    on_progress=bar.update, **self.pool,
-                )
-            energies = {"gold": e[:W], "samples": e[W:].reshape(W, n)}
-            self.checkpoint.save("energies", key, **energies)
-        self._timed("energies", t0)
+        key = fingerprint(self.samples_key(lm_dir), model_digest(energy_dir), cfg.precision, cfg.batch_size)
+        out = {"energies": np.empty((W, n)), "logprob": np.empty((W, n)),
+               **{f"{s}_ids": np.empty((W, T - p), np.int64) for s in PICKS}}
+        todo = []
+        for start in range(0, W, cfg.shard_windows):
+            stop = min(start + cfg.shard_windows, W)
+            part = self.checkpoint.load(f"shard_{start}", key)
+            if part is None:
+                todo.append(Task(start, "sample_select", (self.window_ids[start:stop],
+                                 np.ascontiguousarray(self.windows[start:stop, :p]), n, T - p,
+                                 generation_seed(self.seed), self.seed), stop))
+            else:
+                for name, array in part.items():
+                    out[name][start:stop] = array
+        if todo:
+            local = cfg.num_workers == 0
+            args = (ship(lm_dir, local), ship(energy_dir, local), ship(lm_tokenizer_dir, local, require_config=False),
+                    cfg.cpus_per_worker, cfg.top_k, self.neg.batch_samples, self.sample_dtype, cfg.precision,
+                    cfg.batch_size, self.pool["device"])
+            pool = make_pool(GenerateWorker, args, cfg.num_workers, cfg.cpus_per_worker, name=desc,
+                             gpus_per_worker=cfg.gpus_per_worker)
+            bar = tqdm(total=sum(t.payload - t.key for t in todo) * n, unit="sample", desc=desc,
+                       disable=not self.progress)
+
+            def done(task: Task, result: dict) -> None:
+                for name, array in result.items():
+                    out[name][task.key : task.payload] = array
+                self.checkpoint.save(f"shard_{task.key}", key, **result)
+                bar.update((task.payload - task.key) * n)
+
+            try:
+                pool.run(todo, done, PoolStats())
+            finally:
+                bar.close()
+                pool.shutdown()
+        self._timed("samples_energies", t0)
+        return out
+
+    def gold_energies(self, energy_dir: Path, lm_tokenizer_dir: Path) -> np.ndarray:
+        """E of every real window."""
+        from pipeline.estimation.scoring import score_energies
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        energies = score_energies(energy_dir, lm_tokenizer_dir, self.windows, shard_sequences=cfg.shard_sequences,
+                                  batch_size=cfg.batch_size, precision=cfg.precision, **self.pool)
+        self._timed("gold_energies", t0)
         return energies
 
-    def generations(self, gold_lp: np.ndarray, samples: dict[str, np.ndarray], energies: dict[str, np.ndarray],
-                    lm_tokenizer_dir: Path):
+    def generations(self, gold_lp: np.ndarray, gold_energies: np.ndarray, drawn: dict, lm_tokenizer_dir: Path):
         """The generations table: gold, base, joint and worst continuation of every prefix."""
         from transformers import AutoTokenizer
 
@@ -141,12 +152,47 @@ class GenerationWork:
 
         lm_tokenizer = AutoTokenizer.from_pretrained(lm_tokenizer_dir)
         p = self.prefix_len
-        selection = select_generations(energies["samples"], self.window_ids, self.seed)
+        # per window, the same picks the workers made: they depend on that window's energies alone
+        selection = select_generations(drawn["energies"], self.window_ids, self.seed)
         return generations_table(
-            self.window_ids, self.windows[:, :p], self.windows[:, p:], energies["gold"], gold_lp,
-            samples["tokens"], energies["samples"], samples["logprob"], selection,
+            self.window_ids, self.windows[:, :p], self.windows[:, p:], gold_energies, gold_lp,
+            {s: drawn[f"{s}_ids"] for s in PICKS}, drawn["energies"], drawn["logprob"], selection,
             decode=lambda ids: lm_tokenizer.decode(list(ids)),
         )
+
+
+PICKS = ("base", "joint", "worst")
+
+
+class GenerateWorker:
+    """A pool worker holding the base LM (top-k sampler) and the energy: `sample_select` is
+    Algorithm 1 on a shard of prefixes, returning the picks' tokens and everyone's numbers."""
+
+    def __init__(self, lm_source, energy_source, tokenizer_source, threads: int, top_k: int, batch_samples: int,
+                 dtype: str, precision: str, batch_size: int, device: str = "cpu"):
+        from pipeline.estimation.scoring import EnergyWorker
+        from pipeline.sampling.negatives import SamplerWorker
+
+        self.lm = SamplerWorker(lm_source, threads, top_k, batch_samples, dtype, device)
+        self.energy = EnergyWorker(energy_source, tokenizer_source, threads, precision, batch_size, device)
+
+    def ready(self) -> dict:
+        return self.lm.ready()
+
+    def sample_select(self, window_ids: np.ndarray, prefixes: np.ndarray, n: int, new_tokens: int, sample_seed: int,
+                      select_seed: int) -> dict[str, np.ndarray]:
+        from pipeline.estimation.evaluation import completed_windows
+        from pipeline.generation.resample import select_generations
+
+        drawn = self.lm.sample(window_ids, prefixes, n, new_tokens, sample_seed)
+        tokens = drawn["tokens"].astype(np.int64)
+        W = len(prefixes)
+        full = completed_windows(prefixes, prefixes.shape[1], tokens).reshape(W * n, -1)
+        energies = self.energy.score(full).reshape(W, n)
+        selection = select_generations(energies, window_ids, select_seed)
+        rows = np.arange(W)
+        return {"energies": energies, "logprob": drawn["logprob"],
+                **{f"{s}_ids": tokens[rows, getattr(selection, f"{s}_index")] for s in PICKS}}
 
 
 def torch_device(device: Any):

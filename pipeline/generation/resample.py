@@ -17,7 +17,7 @@ energies and log-probs, then calls `select_generations` and `generations_table`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +176,7 @@ def generations_table(
     gold_ids: Sequence[Sequence[int]] | np.ndarray,
     gold_energy: Any,
     gold_lm_logprob: Any,
-    sample_ids: np.ndarray,
+    sample_ids: np.ndarray | Mapping[str, np.ndarray],
     sample_energy: Any,
     sample_lm_logprob: Any,
     selection: Selection,
@@ -184,16 +184,18 @@ def generations_table(
 ) -> pa.Table:
     """Build GENERATIONS_SCHEMA rows for W prefixes from their n samples and a Selection.
 
-    sample_ids [W, n, L] int, sample_energy and sample_lm_logprob [W, n]; gold_* [W];
+    sample_ids [W, n, L] int (or only the picks: {"base", "joint", "worst"} -> [W, L], what the
+    streaming generate stage keeps), sample_energy and sample_lm_logprob [W, n]; gold_* [W];
     `decode` turns token ids into text (the LM tokenizer's decode). Errors name the argument.
     """
     ids = np.asarray(window_ids, dtype=np.int64)
     W = len(ids)
-    samples = np.asarray(sample_ids)
-    if samples.ndim != 3 or samples.shape[0] != W:
+    picked_only = isinstance(sample_ids, Mapping)  # {"base", "joint", "worst"}: [W, L] each, the picks alone
+    samples = None if picked_only else np.asarray(sample_ids)
+    if not picked_only and (samples.ndim != 3 or samples.shape[0] != W):
         raise ValueError(f"sample_ids must be [W={W}, n, L], got shape {samples.shape}")
-    n = samples.shape[1]
     energy = _as_float64(sample_energy, "sample_energy")
+    n = samples.shape[1] if samples is not None else (energy.shape[-1] if energy.ndim == 2 else 0)
     lm_logprob = _as_float64(sample_lm_logprob, "sample_lm_logprob")
     for name, array in (("sample_energy", energy), ("sample_lm_logprob", lm_logprob)):
         if array.shape != (W, n):
@@ -215,7 +217,8 @@ def generations_table(
     columns["prefix_ids"] = prefix_lists
     columns["gold_ids"] = gold_lists
     for s, index in picked.items():
-        columns[f"{s}_ids"] = samples[rows, index].astype(np.int64).tolist()
+        chosen = np.asarray(sample_ids[s]) if picked_only else samples[rows, index]
+        columns[f"{s}_ids"] = chosen.astype(np.int64).tolist()
     for s in ("prefix", *SYSTEMS):
         columns[f"{s}_text"] = [decode(t) for t in columns[f"{s}_ids"]]
     columns["gold_energy"] = gold_e.tolist()
