@@ -67,9 +67,11 @@ class GenerationWork:
 
     @property
     def sample_dtype(self) -> str:
+        import torch
+
         from pipeline.core.precision import resolve_dtype
 
-        return resolve_dtype(self.neg.dtype, torch_device(self.device))
+        return resolve_dtype(self.neg.dtype, torch.device(self.device))
 
     @property
     def pool(self) -> dict[str, Any]:
@@ -193,12 +195,6 @@ class GenerateWorker:
         rows = np.arange(W)
         return {"energies": energies, "logprob": drawn["logprob"],
                 **{f"{s}_ids": tokens[rows, getattr(selection, f"{s}_index")] for s in PICKS}}
-
-
-def torch_device(device: Any):
-    import torch
-
-    return device if isinstance(device, torch.device) else torch.device(device)
 
 
 def write_analyses(paths: DatasetPaths, table, cfg: GenerateConfig, dataset: str) -> dict:

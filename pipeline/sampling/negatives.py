@@ -253,53 +253,6 @@ class SampleJob:
     first_sample: int = 0
 
 
-def run_sample_jobs(
-    model_dir: Path,
-    jobs: list[SampleJob],
-    on_done: Callable[[SampleJob, dict], None],
-    *,
-    top_k: int,
-    batch_samples: int,
-    dtype: str,
-    num_workers: int,
-    cpus_per_worker: int = 1,
-    gpus_per_worker: float = 0,
-    device: str = "cpu",
-    desc: str = "LM samples",
-    progress: bool = True,
-    stats: PoolStats | None = None,
-) -> None:
-    """Sample every job on `num_workers` SamplerWorker actors (0: in this process, no Ray).
-
-    The evaluate and generate stages' samples: on_done(job, {"tokens", "token_logprobs",
-    "logprob"}) is called on the driver once per job. Ray must be initialised when
-    num_workers > 0 (see `pipeline.sampling.actor_pool.ray_session`). `device` is where the
-    in-process worker runs, or "cuda" for GPU actors (`pipeline.core.precision.pool_device`).
-    """
-    import torch
-    from tqdm import tqdm
-
-    saved_threads = torch.get_num_threads()
-    pool = sampler_pool(model_dir, num_workers, cpus_per_worker, gpus_per_worker, top_k, batch_samples, dtype,
-                        device, desc)
-    stats = stats if stats is not None else PoolStats()
-    stats.workers = pool.info
-    tasks = [Task(job.key, "sample", (job.window_ids, job.prefixes, job.n, job.new_tokens, job.seed, job.first_sample),
-                  job) for job in jobs]
-    bar = tqdm(total=sum(len(j.window_ids) * j.n for j in jobs), unit="sample", desc=desc, disable=not progress)
-
-    def done(task: Task, result: dict) -> None:
-        on_done(task.payload, result)
-        bar.update(len(task.payload.window_ids) * task.payload.n)
-
-    try:
-        pool.run(tasks, done, stats)
-    finally:
-        bar.close()
-        pool.shutdown()
-        torch.set_num_threads(saved_threads)
-
-
 # --------------------------------------------------------------------------- the whole job
 @dataclass
 class SplitInput:
