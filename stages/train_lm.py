@@ -30,13 +30,19 @@ from pipeline.core.variants import check_variant
 from pipeline.data.tokenization import read_window_ids
 from pipeline.training.causal import assemble_lm, heldout_perplexity, train_causal_lm
 from pipeline.training.distributed import cluster_for, training_device
-from pipeline.training.trainer import run_metrics, save_trained_run
+from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
 
 def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dict:
     check_variant(variant, "lm")
     started = time.perf_counter()
     paths = DatasetPaths(dataset, root)
+    cfg = load_subsection(RalmConfig if variant == "ralm" else LMVariantConfig, f"train_lm.{variant}", params,
+                          nullable=variant != "base")
+    if cfg is None:
+        return save_not_applicable(f"train_lm.{variant} is null in {params}", {"dataset": dataset, "variant": variant},
+                                   model_dir=paths.lm(variant), curve_path=paths.lm_curve(variant),
+                                   metrics_path=paths.lm_metrics(variant), started=started)
     seed, device = load_seed(params), resolve_device(load_device(params))
     prefix_len = load_section(TokenizeConfig, "tokenize", params).prefix_len
     splits = {split: read_window_ids(paths.windows_split(split)) for split in ("train", "valid", "test")}
@@ -44,7 +50,6 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     if not 0 < prefix_len < seq_len:
         raise RebmError(f"tokenize.prefix_len={prefix_len} must be below the windows' length {seq_len} "
                         f"({paths.windows}); rerun the tokenize stage")
-    cfg = load_subsection(RalmConfig if variant == "ralm" else LMVariantConfig, f"train_lm.{variant}", params)
     balm = {"base_cfg": load_subsection(LMVariantConfig, "train_lm.base", params),
             "bit_arch": load_subsection(EncoderArch, "energy.bit", params)} if variant == "balm" else {}
 

@@ -60,7 +60,7 @@ def test_converged_ranges_are_compared(evaluation_metrics, generation_metrics) -
     evaluation_metrics["joint"]["unit"]["ppl_low"] = 16.4
     claims = verdicts(check_claims(evaluation_metrics, generation_metrics))
     assert claims["JOINT BIT-BASE* lowest of all models"] == (
-        "does not hold", "BIT*'s upper end is not clearly below RALM, JOINT UNIT")
+        "does not hold", "JOINT BIT-BASE*'s upper end is not clearly below RALM, JOINT UNIT")
     assert claims["JOINT BIT-BASE below JOINT UNIT"] == (
         "does not hold", "BIT-BASE's upper end is not below UNIT's lower end")
 

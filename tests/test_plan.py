@@ -100,8 +100,9 @@ def test_model_config_gives_a_hub_model_its_size(tmp_path: Path) -> None:
         body = AutoModel.from_config(config)
     expected = sum(p.numel() for p in body.parameters()) + 64 + 1
     plan = build_plan(PAPER, tmp_path, parse_windows(["news=10,10,10", "fiction=10,10,10"]),
-                      {"roberta-base": tmp_path / "roberta"})
+                      {"roberta-base": tmp_path / "roberta", "roberta-large": tmp_path / "roberta"})
     assert plan.datasets[0].models["bit_star"]["total"] == expected
+    assert plan.datasets[0].models["bit_large"]["total"] == expected  # BIT-LARGE*: roberta-large in paper.yaml
     assert plan.total["unknown"] == []
     assert ModelResolver().config("rebm-tests/no-such-model")[0] is None  # offline: unknown, no download
 

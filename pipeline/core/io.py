@@ -212,9 +212,25 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+# What a variant's stage writes where its model would be when the variant is null in params
+# (not applicable to the run): see pipeline.training.trainer.save_not_applicable.
+NOT_APPLICABLE_FILE = "not_applicable.json"
+
+
 def require_model(model_dir: str | os.PathLike[str], stage: str) -> Path:
     """`model_dir` if it holds a saved model, else an error naming the stage that makes it."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
+        if (model_dir / NOT_APPLICABLE_FILE).exists():
+            reason = json.loads((model_dir / NOT_APPLICABLE_FILE).read_text(encoding="utf-8")).get("reason", "")
+            raise RebmError(f"{model_dir}: stage {stage} did not train a model ({reason})")
         raise RebmError(f"{model_dir}: not found; run stage {stage} first")
     return model_dir
+
+
+def not_applicable_reason(model_dir: str | os.PathLike[str]) -> str | None:
+    """Why a variant's stage wrote a not-applicable record instead of a model, or None."""
+    record = Path(model_dir) / NOT_APPLICABLE_FILE
+    if not record.exists():
+        return None
+    return str(json.loads(record.read_text(encoding="utf-8")).get("reason", "not applicable"))

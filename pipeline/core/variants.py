@@ -2,8 +2,11 @@
 `rebm plan` all read, so adding or renaming a variant happens here and nowhere else.
 
     LMs       base (BASE LM), balm (BALM), ralm (RALM)                    stage train_lm_<key>
-    energies  unit (JOINT UNIT), bit (JOINT BIT-BASE), bit_star (JOINT BIT-BASE*)
-                                                                          stage train_ebm_<key>
+    energies  unit (JOINT UNIT), bit (JOINT BIT-BASE), bit_star (JOINT BIT-BASE*),
+              bit_large (JOINT BIT-LARGE*)                                stage train_ebm_<key>
+
+A variant whose params entry is null (`train_lm.balm: null`) is not applicable to that run: its
+stage writes a `not_applicable.json` record instead of a model, and Table 1 says so.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from typing import Literal, get_args
 from pipeline.core.errors import RebmError
 
 LMVariant = Literal["base", "balm", "ralm"]
-EnergyVariant = Literal["unit", "bit", "bit_star"]
+EnergyVariant = Literal["unit", "bit", "bit_star", "bit_large"]
 LM_VARIANTS: tuple[str, ...] = get_args(LMVariant)
 ENERGY_VARIANTS: tuple[str, ...] = get_args(EnergyVariant)
+# Energies whose body is a pretrained encoder named by `train_ebm.<variant>.init` (the starred
+# rows of Table 1); unit and bit start from the pipeline's own base LM and pretrain_mlm encoder.
+PRETRAINED_ENERGIES: tuple[str, ...] = ("bit_star", "bit_large")
 
 DISPLAY_NAMES = {
     "base": "BASE LM",
@@ -24,6 +30,7 @@ DISPLAY_NAMES = {
     "unit": "JOINT UNIT",
     "bit": "JOINT BIT-BASE",
     "bit_star": "JOINT BIT-BASE*",
+    "bit_large": "JOINT BIT-LARGE*",
 }
 
 

@@ -8,21 +8,24 @@ into one `Claim` per statement of the paper (Table 1, Figures 1-3), each with a 
   that noise does not hold); the evidence quotes both;
 * not converged: the claim needs a joint range whose log Z estimate had not converged at the
   n used, so no comparison is made from that range;
-* not computed: the metrics lack a number the claim needs.
+* not computed: the metrics lack a number the claim needs;
+* not applicable: a model the claim compares is null in this run's params (e.g. BALM when the
+  base LM is a pretrained SmolLM2 with no larger sibling to train), so its stage trained nothing.
 
 Pure: dicts in, dataclasses out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.variants import display_name as name
 
 HOLDS, FAILS, NOT_CONVERGED, NOT_COMPUTED = "holds", "does not hold", "not converged", "not computed"
-VERDICTS = (HOLDS, FAILS, NOT_CONVERGED, NOT_COMPUTED)
+NOT_APPLICABLE = "not applicable"
+VERDICTS = (HOLDS, FAILS, NOT_CONVERGED, NOT_COMPUTED, NOT_APPLICABLE)
 EXACT_TOLERANCE = 1e-5  # relative; metrics.json rounds perplexities to three decimals
 PAPER_MEAN_GAPS = "paper: 6.20 vs 21.64"  # Figure 3, joint vs BASE LM samples
 
@@ -155,22 +158,25 @@ def _bit_below_unit(evaluation: dict[str, Any]) -> Claim:
                  why or ("" if holds else "BIT-BASE's upper end is not below UNIT's lower end"))
 
 
-def _bit_star_best(evaluation: dict[str, Any]) -> Claim:
-    claim = "JOINT BIT-BASE* lowest of all models"
+def _lowest(evaluation: dict[str, Any], variant: str, beside: Sequence[str] = ()) -> Claim:
+    """`variant`'s joint range lowest of all models but those in `beside` (BIT-BASE* beside BIT-LARGE*)."""
     joint, lms = evaluation.get("joint", {}), evaluation.get("perplexity", {})
-    if gate := _unusable(joint, ["bit_star", *(v for v in joint if v != "bit_star")]):
+    beside = [v for v in beside if v in joint]
+    claim = f"{name(variant)} lowest of all models" + "".join(f" except {name(v)}" for v in beside)
+    if gate := _unusable(joint, [variant, *(v for v in joint if v != variant and v not in beside)]):
         return Claim(claim, gate[0], "—", gate[1])
-    high, ci = joint["bit_star"]["ppl_high"], _interval(evaluation, "bit_star", "high")
-    # A joint model is beaten only when BIT*'s upper end is below its lower end.
+    high, ci = joint[variant]["ppl_high"], _interval(evaluation, variant, "high")
+    # A joint model is beaten only when this one's upper end is below its lower end.
     rivals = {**{v: lm["ppl"] for v, lm in lms.items()},
-              **{v: j["ppl_low"] for v, j in joint.items() if v != "bit_star"}}
-    evidence = f"BIT* ≤ {high:.2f} vs " + ", ".join(
+              **{v: j["ppl_low"] for v, j in joint.items() if v != variant and v not in beside}}
+    evidence = f"{name(variant)} ≤ {high:.2f} vs " + ", ".join(
         f"{name(v)} {'≥ ' if v in joint else ''}{p:.2f}" for v, p in rivals.items())
     verdicts = {v: _below(high, p, ci, _interval(evaluation, v, "low")) for v, p in rivals.items()}
     beaten_by = [name(v) for v, (holds, _) in verdicts.items() if not holds]
     notes = sorted({why for holds, why in verdicts.values() if holds and why})
     return Claim(claim, FAILS if beaten_by else HOLDS, evidence,
-                 f"BIT*'s upper end is not clearly below {', '.join(beaten_by)}" if beaten_by else "; ".join(notes))
+                 f"{name(variant)}'s upper end is not clearly below {', '.join(beaten_by)}" if beaten_by
+                 else "; ".join(notes))
 
 
 def _exact_inside(evaluation: dict[str, Any]) -> list[Claim]:
@@ -226,15 +232,24 @@ def _closer_to_real(generation: dict[str, Any]) -> Claim:
                  "" if holds else "the joint samples' gap is not smaller than the BASE LM samples'")
 
 
-def check_claims(evaluation: dict[str, Any], generation: dict[str, Any]) -> list[Claim]:
-    """Every claim of the paper on one dataset, in the paper's order (Table 1, Figures 1-3)."""
-    return [
-        _lm_below_base(evaluation, "balm"),
-        _lm_below_base(evaluation, "ralm"),
-        _unit_below_base(evaluation),
-        _bit_below_unit(evaluation),
-        _bit_star_best(evaluation),
-        *_exact_inside(evaluation),
-        _unique_ngrams(generation),
-        _closer_to_real(generation),
+def check_claims(evaluation: dict[str, Any], generation: dict[str, Any],
+                 not_applicable: Mapping[str, str] | None = None) -> list[Claim]:
+    """Every claim of the paper on one dataset, in the paper's order (Table 1, Figures 1-3).
+    `not_applicable` ({variant: reason}) turns a claim that lacks such a variant into "not applicable"."""
+    na = dict(not_applicable or {})
+    table1 = [
+        (("balm",), _lm_below_base(evaluation, "balm")),
+        (("ralm",), _lm_below_base(evaluation, "ralm")),
+        (("unit",), _unit_below_base(evaluation)),
+        (("bit", "unit"), _bit_below_unit(evaluation)),
+        (("bit_star",), _lowest(evaluation, "bit_star", beside=["bit_large"])),
+        (("bit_large",), _lowest(evaluation, "bit_large")),
     ]
+    claims = []
+    for needs, c in table1:
+        if c.verdict == NOT_COMPUTED and (missing := [v for v in needs if v in na]):
+            c = Claim(c.claim, NOT_APPLICABLE, "—", "; ".join(f"{name(v)}: {na[v]}" for v in missing))
+        if "bit_large" in needs and c.verdict == NOT_COMPUTED:
+            continue  # a run without a BIT-LARGE* row (older metrics) makes no claim about it
+        claims.append(c)
+    return [*claims, *_exact_inside(evaluation), _unique_ngrams(generation), _closer_to_real(generation)]

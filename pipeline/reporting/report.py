@@ -95,6 +95,7 @@ class DatasetResults:
     density: dict[str, list[dict[str, Any]]]  # Figure 3: scorer ("base_lm", "joint") -> rows
     examples: list[dict[str, Any]]  # generations.parquet rows shown as Tables 5–6
     generation_baseline: dict[str, Any] | None = None  # baseline_metrics.json: label, commit, metrics
+    not_applicable: dict[str, str] = field(default_factory=dict)  # variant -> why its stage trained nothing
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,20 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
         density={s: read_tsv(gen[f"density_{s}.tsv"]) for s in ("base_lm", "joint")},
         examples=[rows[i] for i in evenly_spaced(examples, len(rows))],
         generation_baseline=read_generation_baseline(baseline) if baseline.exists() else None,
+        not_applicable=not_applicable_variants(paths),
     )
+
+
+def not_applicable_variants(paths: DatasetPaths) -> dict[str, str]:
+    """{variant: reason} for the Table 1 variants whose stage recorded "not applicable" (null in params)."""
+    found = {}
+    for variant, path in [*((v, paths.lm_metrics(v)) for v in LM_VARIANTS),
+                          *((v, paths.energy_metrics(v)) for v in ENERGY_VARIANTS)]:
+        if path.exists():
+            payload = _read_json(path)
+            if payload.get("applicable") is False:
+                found[variant] = str(payload.get("reason", "not applicable"))
+    return found
 
 
 def read_generation_baseline(path: Path) -> dict[str, Any]:
@@ -386,7 +400,7 @@ def _ordered(variants) -> list[str]:
 
 
 def _energy_colour(variant: str) -> str:
-    return {"unit": "tab:blue", "bit": "tab:orange", "bit_star": "tab:purple"}.get(variant, "tab:gray")
+    return {"unit": "tab:blue", "bit": "tab:orange", "bit_star": "tab:purple", "bit_large": "tab:red"}.get(variant, "tab:gray")
 
 
 def figure1(d: DatasetResults) -> bytes:
@@ -603,10 +617,12 @@ def _joint_gain(j: dict) -> str:
 def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     """Table 1 with the datasets side by side: exact LM perplexity, joint [low–high] ranges with
     their convergence verdict; a note per dataset (windows, n, the convergence rule)."""
-    lms = [v for v in LM_VARIANTS if any(v in d.evaluation.get("perplexity", {}) for d in datasets)]
-    lms += sorted({v for d in datasets for v in d.evaluation.get("perplexity", {})} - set(lms))
-    joints = [v for v in ENERGY_VARIANTS if any(v in d.evaluation.get("joint", {}) for d in datasets)]
-    joints += sorted({v for d in datasets for v in d.evaluation.get("joint", {})} - set(joints))
+    def shown(variants: Sequence[str], key: str) -> list[str]:  # evaluated or not applicable, in registry order
+        present = {v for d in datasets for v in d.evaluation.get(key, {})}
+        present |= {v for d in datasets for v in d.not_applicable if v in variants}
+        return [v for v in variants if v in present] + sorted(present - set(variants))
+
+    lms, joints = shown(LM_VARIANTS, "perplexity"), shown(ENERGY_VARIANTS, "joint")
     rows = []
 
     def params_cell(values: list[str]) -> str:
@@ -619,7 +635,7 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
             lm = d.evaluation.get("perplexity", {}).get(v)
             base = d.evaluation.get("perplexity", {}).get("base", {}).get("ppl")
             if lm is None:
-                cells += ["—", "—", "—"]
+                cells += ["not applicable", "—", "—"] if v in d.not_applicable else ["—", "—", "—"]
                 continue
             params.append(format_parameters(lm["parameters"]) if "parameters" in lm else "")
             vs = "—" if v == "base" or not base else f"{100 * (lm['ppl'] / base - 1):+.2f}%"
@@ -630,7 +646,7 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
         for d in datasets:
             j = d.evaluation.get("joint", {}).get(v)
             if j is None:
-                cells += ["—", "—", "—"]
+                cells += ["not applicable", "—", "—"] if v in d.not_applicable else ["—", "—", "—"]
                 continue
             if "energy_parameters" in j and "parameters" in j:
                 params.append(f"{format_parameters(j['parameters'] - j['energy_parameters'])}"
@@ -643,7 +659,10 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
               "epsilon": ev.get("convergence_epsilon", "?"),
               "rule": ev["convergence_rule"].rstrip(".") if "convergence_rule" in ev else None}
              for d in datasets for ev in [d.evaluation]]
-    return {"names": [d.name for d in datasets], "rows": rows, "notes": notes}
+    inapplicable = sorted({(display_name(v), why) for d in datasets for v, why in d.not_applicable.items()
+                           if v in (*lms, *joints)})
+    return {"names": [d.name for d in datasets], "rows": rows, "notes": notes,
+            "not_applicable": [f"{name}: {why}" for name, why in inapplicable]}
 
 
 def _ratio(value: float, base: float | None, ci: Sequence[float] | None, level: str) -> str:
@@ -726,7 +745,7 @@ def _claims(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     by_claim: dict[str, list[list[str]]] = {}
     counts = []
     for d in datasets:
-        claims = check_claims(d.evaluation, d.generation)
+        claims = check_claims(d.evaluation, d.generation, d.not_applicable)
         for c in claims:
             by_claim.setdefault(c.claim, []).append(
                 [md_escape(c.claim), md_escape(d.name), c.verdict, md_escape(c.evidence), md_escape(c.why) or "—"])

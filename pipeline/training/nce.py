@@ -3,6 +3,7 @@
     unit      causal body initialised from the trained base LM            (JOINT UNIT)
     bit       bidirectional body initialised from the pretrain_mlm encoder (JOINT BIT-BASE)
     bit_star  bidirectional body from a pretrained encoder (`init`)        (JOINT BIT-BASE*)
+    bit_large the same from a larger pretrained encoder (`init`)          (JOINT BIT-LARGE*)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import AutoModel, PreTrainedTokenizerBase
 from pipeline.core.config import OptimConfig
 from pipeline.core.errors import RebmError
 from pipeline.core.paths import DatasetPaths
-from pipeline.core.variants import check_variant, stage_name
+from pipeline.core.variants import PRETRAINED_ENERGIES, check_variant, stage_name
 from pipeline.models.energy import EnergyModel, EnergyScorer, nce_accuracy, nce_loss, resolve_pretrained
 from pipeline.training.ebm_data import NCEData
 from pipeline.training.loop import TrainResult, epoch_permutation
@@ -26,7 +27,7 @@ from pipeline.training.trainer import train
 
 def energy_body_source(variant: str, init: str | None, paths: DatasetPaths) -> str:
     """Where the energy body's initial weights and tokenizer come from."""
-    if check_variant(variant, "energy") == "bit_star":
+    if check_variant(variant, "energy") in PRETRAINED_ENERGIES:
         return resolve_pretrained(init)
     source = paths.lm("base") if variant == "unit" else paths.mlm
     if not (source / "config.json").exists():

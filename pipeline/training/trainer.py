@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.core.config import OptimConfig
-from pipeline.core.io import atomic_output, write_json
+from pipeline.core.io import NOT_APPLICABLE_FILE, atomic_output, write_json
 from pipeline.core.precision import resolve_precision
 from pipeline.training.distributed import train_data_parallel
 from pipeline.training.loop import (
@@ -102,6 +102,22 @@ def save_trained_run(
     write_json(metrics_path, metrics)
     discard_checkpoint(checkpoint_dir)
     return metrics
+
+
+def save_not_applicable(
+    reason: str, metrics: dict[str, Any], *, model_dir: Path, curve_path: Path, metrics_path: Path, started: float,
+) -> dict[str, Any]:
+    """A variant this run does not train (its params entry is null): a record where the model
+    would be, an empty curve and metrics saying why, so DVC has the stage's outputs and the
+    report can mark the row "not applicable" instead of missing."""
+    record = {**metrics, "applicable": False, "reason": reason,
+              "wall_seconds": round(time.perf_counter() - started, 1)}
+    with atomic_output(model_dir, directory=True) as tmp:
+        write_json(tmp / NOT_APPLICABLE_FILE, record)
+    write_curve(curve_path, [])
+    write_json(metrics_path, record)
+    print(f"{metrics.get('dataset', '?')}/{metrics.get('variant', '?')}: not applicable ({reason})")
+    return record
 
 
 def run_metrics(result: TrainResult, cfg: OptimConfig, device: torch.device, per_s: str = "tokens") -> dict[str, Any]:
