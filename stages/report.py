@@ -35,7 +35,7 @@ def run(params: Path, root: Path = Path(".")) -> dict:
         "html": str(paths.html),
         "figures": sorted(str(paths.figures / name) for name in built.figures),
         "table2": inputs.human_eval.markdown is not None,
-        "claims": {d.name: {c.claim: c.verdict for c in check_claims(d.evaluation, d.generation)}
+        "claims": {d.name: {c.claim: c.verdict for c in check_claims(d.evaluation, d.generation, d.not_applicable)}
                    for d in inputs.datasets},
         "git_revision": inputs.provenance.git_revision,
         "wall_seconds": round(time.perf_counter() - started, 1),

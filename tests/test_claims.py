@@ -126,3 +126,34 @@ def test_an_exact_last_position_miss_is_no_verdict_when_the_estimate_did_not_con
     verdict, why = verdicts(check_claims(evaluation_metrics, generation_metrics))[claim]
     assert verdict == "not converged"
     assert why.startswith("the last position's LM-sample expectation did not converge") and "3.70% above" in why
+
+
+def test_a_variant_null_in_params_is_not_applicable_and_bit_large_is_compared(evaluation_metrics,
+                                                                              generation_metrics) -> None:
+    from conftest import joint_entry
+
+    from pipeline.reporting.claims import NOT_APPLICABLE
+
+    smollm2 = copy.deepcopy(evaluation_metrics)
+    del smollm2["perplexity"]["balm"]
+    for variant in ("unit", "bit"):
+        del smollm2["joint"][variant]
+        smollm2["positions"].pop(variant, None)
+    smollm2["joint"]["bit_large"] = joint_entry(14.0, 14.2, 20.0, 64, True)
+    na = {v: f"train_ebm.{v} is null in params.yaml" for v in ("unit", "bit")} | {"balm": "train_lm.balm is null"}
+    claims = verdicts(check_claims(smollm2, generation_metrics, na))
+    assert claims["BALM below BASE LM"] == (NOT_APPLICABLE, "BALM: train_lm.balm is null")
+    assert claims["JOINT UNIT below BASE LM (whole range)"][0] == NOT_APPLICABLE
+    assert claims["JOINT BIT-BASE below JOINT UNIT"] == (
+        NOT_APPLICABLE, "JOINT BIT-BASE: train_ebm.bit is null in params.yaml; "
+                        "JOINT UNIT: train_ebm.unit is null in params.yaml")
+    # BIT-BASE* is compared with everything but BIT-LARGE*, and BIT-LARGE* with everything.
+    assert claims["JOINT BIT-BASE* lowest of all models except JOINT BIT-LARGE*"] == ("holds", "")
+    assert claims["JOINT BIT-LARGE* lowest of all models"] == ("holds", "")
+    smollm2["joint"]["bit_large"] = joint_entry(16.2, 16.8, 20.0, 64, True)
+    claims = verdicts(check_claims(smollm2, generation_metrics, na))
+    assert claims["JOINT BIT-LARGE* lowest of all models"] == (
+        "does not hold", "JOINT BIT-LARGE*'s upper end is not clearly below JOINT BIT-BASE*")
+    # Without the not-applicable record a missing row stays "not computed", and no BIT-LARGE* row, no claim.
+    plain = verdicts(check_claims(evaluation_metrics, generation_metrics))
+    assert "JOINT BIT-LARGE* lowest of all models" not in plain and plain["BALM below BASE LM"][0] == "does not hold"

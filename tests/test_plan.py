@@ -231,3 +231,21 @@ def test_a_pypi_init_not_in_the_cache_is_planned_without_downloading(tmp_path: P
     monkeypatch.setattr(sources, "resolve_pypi", lambda *a, **k: pytest.fail("rebm plan tried to download"))
     config, why = ModelResolver().config("pypi:all-mpnet-base-v2")
     assert config is None and "not in the model cache yet" in why
+
+
+def test_smollm2_plan_skips_what_is_not_applicable_and_never_downloads(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty model cache: the pypi: models are unknown (never fetched by planning), the rest is
+    # counted; BALM, UNIT, BIT and pretrain_mlm are null in params/smollm2.yaml, so no rows.
+    monkeypatch.setenv("REBM_CACHE", str(tmp_path / "cache"))
+    result = invoke(str(REPO / "params" / "smollm2.yaml"), "--windows", "news=1000,100,10",
+                    "--windows", "fiction=1000,100,10", "--root", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    rows = rows_by(plan, "news")
+    stages = {stage for stage, _ in rows}
+    assert {"train_lm_ralm", "negatives", "train_ebm_bit_star", "train_ebm_bit_large", "evaluate"} <= stages
+    assert not stages & {"train_lm_balm", "pretrain_mlm", "train_ebm_unit", "train_ebm_bit"}
+    assert not any(part.startswith("train ") for stage, part in rows if stage == "train_lm_base")  # used as is
+    assert "not in the model cache yet" in json.dumps(plan)
+    assert not (tmp_path / "cache" / "models").exists()

@@ -370,3 +370,19 @@ def test_generated_text_stays_text_in_both_formats() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt; | *bold* [a](http://e.com) &amp;amp; #1 ⏎ next\ufffd line" in page
     with pytest.raises(ValueError, match="not one of the figures"):
         lib.render_html("![x](figures/missing.png)", {})
+
+
+def test_a_not_applicable_variant_is_marked_in_table1_and_the_claims(project: Path, fake_git) -> None:
+    record = project / "models/toy2/energy/bit_large_metrics.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"dataset": "toy2", "variant": "bit_large", "applicable": False,
+                                  "reason": "train_ebm.bit_large is null in params.yaml", "wall_seconds": 0.1}))
+    try:
+        summary, md, _ = run_report(project)
+    finally:
+        record.unlink()
+    table1 = section(md, "Table 1")
+    assert "| JOINT BIT-LARGE* | — | — | — | — | not applicable | — | — |" in table1
+    assert "- Not applicable: JOINT BIT-LARGE\\*: train\\_ebm.bit\\_large is null in params.yaml." in table1
+    assert summary["claims"]["toy2"]["JOINT BIT-LARGE* lowest of all models"] == "not applicable"
+    assert "JOINT BIT-LARGE* lowest of all models" not in summary["claims"]["toy"]
