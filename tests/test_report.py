@@ -386,3 +386,20 @@ def test_a_not_applicable_variant_is_marked_in_table1_and_the_claims(project: Pa
     assert "- Not applicable: JOINT BIT-LARGE\\*: train\\_ebm.bit\\_large is null in params.yaml." in table1
     assert summary["claims"]["toy2"]["JOINT BIT-LARGE* lowest of all models"] == "not applicable"
     assert "JOINT BIT-LARGE* lowest of all models" not in summary["claims"]["toy"]
+
+
+def test_a_baseline_generated_differently_is_not_compared(project: Path, fake_git) -> None:
+    # baseline_metrics.json from another energy or sample budget (the Brown default's, on a branch
+    # running params/smollm2.yaml) is no "before": the report says why instead of comparing.
+    path = project / "results/toy2/generation/baseline_metrics.json"
+    original = path.read_text()
+    baseline = json.loads(original)
+    baseline["metrics"]["energy"], baseline["metrics"]["windows"] = "bit_large", 999
+    path.write_text(json.dumps(baseline))
+    try:
+        _, md, _ = run_report(project)
+    finally:
+        path.write_text(original)
+    before_after = section(md, "Sample statistics").split("### Before → after")[1]
+    assert "| toy2 |" not in before_after and "before the fix" in before_after
+    assert "not compared: generated differently (energy bit\\_large vs bit; windows 999 vs 6)" in before_after

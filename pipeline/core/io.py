@@ -221,8 +221,7 @@ def require_model(model_dir: str | os.PathLike[str], stage: str) -> Path:
     """`model_dir` if it holds a saved model, else an error naming the stage that makes it."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
-        if (model_dir / NOT_APPLICABLE_FILE).exists():
-            reason = json.loads((model_dir / NOT_APPLICABLE_FILE).read_text(encoding="utf-8")).get("reason", "")
+        if (reason := not_applicable_reason(model_dir)) is not None:
             raise RebmError(f"{model_dir}: stage {stage} did not train a model ({reason})")
         raise RebmError(f"{model_dir}: not found; run stage {stage} first")
     return model_dir

@@ -775,11 +775,22 @@ def _sample_measures(generation: dict) -> dict[str, dict[str, str]]:
     return measures
 
 
+BASELINE_MUST_MATCH = ("energy", "n_gen", "top_k", "windows")  # generate settings a baseline must share
+
+
 def _before_after(datasets: Sequence[DatasetResults]) -> dict[str, Any] | None:
     """The sample statistics of an earlier run (baseline_metrics.json) against this run's; None
     without one."""
-    rows, notes = [], []
+    rows, notes, skipped = [], [], []
     for d in (d for d in datasets if d.generation_baseline is not None):
+        # Only a baseline generated the same way is a "before": another energy or sample budget
+        # (e.g. params/smollm2.yaml against the Brown default's measurement) is not compared.
+        differ = [f"{key} {d.generation_baseline['metrics'].get(key)} vs {d.generation.get(key)}"
+                  for key in BASELINE_MUST_MATCH
+                  if d.generation_baseline["metrics"].get(key) != d.generation.get(key)]
+        if differ:
+            skipped.append({"name": d.name, "label": d.generation_baseline["label"], "differ": "; ".join(differ)})
+            continue
         before, after = _sample_measures(d.generation_baseline["metrics"]), _sample_measures(d.generation)
         for measure in dict.fromkeys([*after, *before]):
             was, now = before.get(measure, {}), after.get(measure, {})
@@ -787,7 +798,7 @@ def _before_after(datasets: Sequence[DatasetResults]) -> dict[str, Any] | None:
                          *(f"{was.get(s, '—')} → {now.get(s, '—')}" for s in ("base", "joint"))])
         notes.append({"name": d.name, "label": d.generation_baseline["label"],
                       "commit": d.generation_baseline.get("commit")})
-    return {"rows": rows, "notes": notes} if rows else None
+    return {"rows": rows, "notes": notes, "skipped": skipped} if rows or skipped else None
 
 
 def _examples(d: DatasetResults) -> dict[str, Any]:
