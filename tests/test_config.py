@@ -122,18 +122,16 @@ MISSING = object()
 def test_no_code_default_contradicts_params_yaml() -> None:
     # A default of None means "not set" (e.g. train_ebm.unit.init: the pipeline initialises unit);
     # every other default must be what params.yaml says, so deleting a key changes nothing.
-    import typing
-
     import yaml
 
-    from pipeline.core.config import KeyedSections, Params, Section
+    from pipeline.core.config import KeyedSections, Params, Section, unwrap_optional
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     text = (REPO / "params.yaml").read_text()
     contradictions, unnamed = [], []
-    def section_model(annotation):  # `X | None` (a section that may be null) -> X
-        return next((t for t in (annotation, *typing.get_args(annotation))
-                     if isinstance(t, type) and issubclass(t, Section)), None)
+    def section_model(annotation):  # `X | None` (a section that may be null) -> X; None if not a Section
+        model = unwrap_optional(annotation)
+        return model if isinstance(model, type) and issubclass(model, Section) else None
 
     for name, field in Params.model_fields.items():
         model = section_model(field.annotation)

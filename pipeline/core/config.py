@@ -125,7 +125,7 @@ def _format_validation_error(path: Path, section: str, exc: ValidationError) -> 
     return "\n".join(lines)
 
 
-def _unwrap_optional(annotation: Any) -> Any:
+def unwrap_optional(annotation: Any) -> Any:
     """`X` for an `X | None` annotation (a section that may be null: a variant not applicable)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if len(args) == 1 and type(None) in typing.get_args(annotation) else annotation
@@ -138,7 +138,7 @@ def _check_declared(model: type[BaseModel], dotted: str) -> None:
         field = node.model_fields.get(key) if isinstance(node, type) and issubclass(node, BaseModel) else None
         if field is None:
             return  # not a section of Params (e.g. a test's own section): nothing to compare
-        node = _unwrap_optional(field.annotation)
+        node = unwrap_optional(field.annotation)
     if node is not model:
         raise TypeError(f"{dotted} is a {getattr(node, '__name__', node)} in Params, not a {model.__name__}")
 
@@ -612,16 +612,14 @@ def cross_section_problems(raw: dict[str, Any], datasets: list[str], sections: d
 
 def _inapplicable_variant_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     """A variant set to null (not applicable) that evaluate or generate still asks for."""
-    sections = {"lm": raw.get("train_lm"), "energy": raw.get("train_ebm")}
     evaluate, generate = raw.get("evaluate") or {}, raw.get("generate") or {}
-    wanted = [("evaluate.lms", "lm", v) for v in evaluate.get("lms") or []]
-    wanted += [("evaluate.energies", "energy", v) for v in evaluate.get("energies") or []]
-    wanted += [("generate.energy", "energy", generate["energy"])] if generate.get("energy") else []
+    wanted = [("evaluate.lms", "train_lm", v) for v in evaluate.get("lms") or []]
+    wanted += [("evaluate.energies", "train_ebm", v) for v in evaluate.get("energies") or []]
+    wanted += [("generate.energy", "train_ebm", generate["energy"])] if generate.get("energy") else []
     problems = []
-    for key, kind, variant in wanted:
-        section = sections[kind]
+    for key, name, variant in wanted:
+        section = raw.get(name)
         if isinstance(section, dict) and isinstance(variant, str) and variant in section and section[variant] is None:
-            name = "train_lm" if kind == "lm" else "train_ebm"
             problems.append((key, f"'{variant}' is null in {name} (not applicable to this run): drop it here"))
     ebm = raw.get("train_ebm")
     if isinstance(ebm, dict) and ebm.get("bit") is not None and "pretrain_mlm" in raw and raw["pretrain_mlm"] is None:

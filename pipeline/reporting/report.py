@@ -625,6 +625,9 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     lms, joints = shown(LM_VARIANTS, "perplexity"), shown(ENERGY_VARIANTS, "joint")
     rows = []
 
+    def absent(d: DatasetResults, v: str) -> list[str]:  # a dataset's cells for a row it has no number for
+        return ["not applicable" if v in d.not_applicable else "—", "—", "—"]
+
     def params_cell(values: list[str]) -> str:
         distinct = list(dict.fromkeys(v for v in values if v))
         return " / ".join(distinct) or "—"
@@ -635,7 +638,7 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
             lm = d.evaluation.get("perplexity", {}).get(v)
             base = d.evaluation.get("perplexity", {}).get("base", {}).get("ppl")
             if lm is None:
-                cells += ["not applicable", "—", "—"] if v in d.not_applicable else ["—", "—", "—"]
+                cells += absent(d, v)
                 continue
             params.append(format_parameters(lm["parameters"]) if "parameters" in lm else "")
             vs = "—" if v == "base" or not base else f"{100 * (lm['ppl'] / base - 1):+.2f}%"
@@ -646,7 +649,7 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
         for d in datasets:
             j = d.evaluation.get("joint", {}).get(v)
             if j is None:
-                cells += ["not applicable", "—", "—"] if v in d.not_applicable else ["—", "—", "—"]
+                cells += absent(d, v)
                 continue
             if "energy_parameters" in j and "parameters" in j:
                 params.append(f"{format_parameters(j['parameters'] - j['energy_parameters'])}"

@@ -58,7 +58,7 @@ BPE_TOKENIZER = "byte-level BPE trained on train split"  # what stage tokenize r
 SECTION_MODELS: dict[str, type[BaseModel]] = {}
 SUBSECTION_MODELS: dict[str, dict[str, type[BaseModel]]] = {}
 for _name, _field in C.Params.model_fields.items():
-    _model = C._unwrap_optional(_field.annotation)
+    _model = C.unwrap_optional(_field.annotation)
     if isinstance(_model, type) and issubclass(_model, C.Section):
         if issubclass(_model, C.KeyedSections):
             SUBSECTION_MODELS[_name] = {k: f.annotation for k, f in _model.model_fields.items()}
@@ -113,9 +113,9 @@ def validate_params(path: Path) -> Validated:
         # key would hide e.g. "prefix_len must be below seq_len": report the unknown keys, drop
         # them, and validate again, so that every problem shows up in one run.
         node = copy.deepcopy(node)
-        if node is None and C._unwrap_optional(model) is not model:
+        if node is None and C.unwrap_optional(model) is not model:
             return None  # a section that may be null (a variant not applicable to the run) and is
-        model = C._unwrap_optional(model)
+        model = C.unwrap_optional(model)
         for _ in range(5):
             try:
                 return model.model_validate(node)
@@ -325,30 +325,24 @@ def model_sizes(v: Validated, vocab: int | None, resolver: ModelResolver) -> tup
         return _sizes(_on_meta(lambda: build_gpt2(cfg.arch, vocab, 0)), f"train_lm.{key}.arch (meta device)"), config
 
     out["base"], base_config = plain_lm(lms["base"], "base")
-    if lms["balm"] is not None:  # null: not applicable to this run
+    if lms["balm"] is not None:
         out["balm"], _ = plain_lm(lms["balm"], "balm")
     lm_vocab = base_config.vocab_size if base_config is not None else vocab
-    if lms["ralm"] is None:
-        pass
-    elif lm_vocab is None:
-        out["ralm_phi"] = unknown(no_vocab)
-    else:
+    # A variant null in params (not applicable to this run) gets no size: each block runs only for a set one.
+    if lms["ralm"] is not None:
         arch = lms["ralm"].arch
-        out["ralm_phi"] = _sizes(_on_meta(lambda: build_gpt2(arch, lm_vocab, 0)), "train_lm.ralm.arch (meta device)")
+        out["ralm_phi"] = (unknown(no_vocab) if lm_vocab is None else _sizes(
+            _on_meta(lambda: build_gpt2(arch, lm_vocab, 0)), "train_lm.ralm.arch (meta device)"))
     # UNIT: the base LM's body (no LM head) + a d -> 1 projection.
-    if ebm.unit is None:
-        pass  # not applicable to this run
-    elif base_config is None:
+    if ebm.unit is not None and base_config is None:
         out["unit"] = unknown(out["base"].source.removeprefix("unknown: "))
-    else:
+    elif ebm.unit is not None:
         body = _on_meta(lambda: AutoModel.from_config(base_config))
         out["unit"] = _sizes(body, "the base LM's body + scalar head", extra=body.config.hidden_size + 1)
     # pretrain_mlm: a BERT masked LM over the LM's tokens + [pad] + [mask]; BIT is its encoder + head.
-    if ebm.bit is None:
-        pass
-    elif lm_vocab is None:
+    if ebm.bit is not None and lm_vocab is None:
         out["mlm"] = out["bit"] = unknown(no_vocab)
-    else:
+    elif ebm.bit is not None:
         mlm = _on_meta(lambda: build_mlm(bit_arch, _Tokenizer(lm_vocab + 2), tok.seq_len))
         out["mlm"] = _sizes(mlm, "energy.bit as a masked LM (meta device)")
         body = _on_meta(lambda: AutoModel.from_config(mlm.config))
