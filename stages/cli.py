@@ -209,14 +209,18 @@ def bench_train(
     steps: Annotated[int, typer.Option(help="timed training steps per precision (or per worker count)")] = 5,
     workers: Annotated[int, typer.Option(
         help="above 1: tokens/s of the training loop on 1 worker (baseline) vs this many Ray Train workers")] = 1,
+    precision: Annotated[str, typer.Option(
+        help="auto: fp32 and bf16 where bf16 is native, fp32 alone where it is emulated; or fp32, bf16, fp32,bf16")
+    ] = "auto",
 ) -> None:
-    """Training tokens/s and GFLOP/s of an LM against this machine's measured matmul peak (fp32, bf16);
-    with --workers N, the data-parallel loop on N Ray Train workers against 1 worker, same model and batch."""
+    """Training tokens/s and GFLOP/s of an LM against this machine's matmul peak measured in the same
+    precision (pipeline_precision: what `precision: auto` trains in here); with --workers N, the
+    data-parallel loop on N Ray Train workers against 1 worker, same model and batch."""
     from pipeline.tools import bench
     if workers > 1:
         _print_summary(bench.data_parallel_benchmark(params, variant, workers, steps))
     else:
-        _print_summary(bench.train_benchmark(params, variant, steps))
+        _print_summary(bench.train_benchmark(params, variant, steps, precision=precision))
 
 
 @bench_app.command("sample")

@@ -27,11 +27,11 @@ def cpuinfo(tmp_path: Path, flags: str, key: str = "flags") -> Path:
     ],
 )
 def test_cpu_bf16_units_are_read_from_cpuinfo(tmp_path: Path, key: str, flags: str, native: bool) -> None:
-    assert prec.cpu_has_native_bf16(cpuinfo(tmp_path, flags, key)) is native
+    assert prec.cpuinfo_lists_bf16(cpuinfo(tmp_path, flags, key)) is native
 
 
 def test_no_cpuinfo_means_no_native_bf16(tmp_path: Path) -> None:
-    assert prec.cpu_has_native_bf16(tmp_path / "missing") is False
+    assert prec.cpuinfo_lists_bf16(tmp_path / "missing") is False
 
 
 def test_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,3 +64,26 @@ def test_params_reject_an_unknown_precision(tmp_path: Path) -> None:
         load_section(EvaluateConfig, "evaluate", params)
     params.write_text("evaluate:\n  precision: auto\n")
     assert load_section(EvaluateConfig, "evaluate", params).precision == "auto"
+
+
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # an AVX2 EPYC's view of this CPU
+
+
+@pytest.mark.parametrize("env", [{}, AVX2_ONLY], ids=["this-cpu", "avx2-only"])
+def test_native_bf16_needs_the_flags_and_onednn(env: dict) -> None:
+    """The rule per CPU kind: bf16 is native only where /proc/cpuinfo lists bf16 units and oneDNN
+    uses them. With oneDNN capped at AVX2 (what an AVX2-only EPYC is), `auto` is fp32 whatever the
+    flags say; uncapped, `auto` is bf16 exactly where the flags list bf16 units."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pipeline.core import precision as p; import torch; "
+            "print(p.cpuinfo_lists_bf16(), p.onednn_runs_bf16(), p.resolve_precision('auto', torch.device('cpu')))")
+    done = subprocess.run([sys.executable, "-c", code], env=os.environ | env, capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    flags, onednn, auto = done.stdout.split()
+    if env:
+        assert (onednn, auto) == ("False", "fp32")
+    else:
+        assert auto == ("bf16" if flags == onednn == "True" else "fp32")

@@ -13,9 +13,7 @@ import torch
 
 from pipeline.core.config import LMVariantConfig, RalmConfig, TokenizeConfig, load_device, load_section, load_subsection
 from pipeline.core.errors import RebmError
-from pipeline.tools.throughput import lm_flops_per_token, matmul_peak_gflops, sync
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from pipeline.tools.throughput import lm_flops_per_token, matmul_dtype, matmul_peak_gflops, peak_fraction, sync
 
 
 def _bench_model(params: Path, variant: str, vocab_size: int, seq_len: int):
@@ -39,15 +37,32 @@ def _bench_model(params: Path, variant: str, vocab_size: int, seq_len: int):
     return build_gpt2(cfg.arch, vocab_size, 0), lm_flops_per_token(gpt2_config(cfg.arch, vocab_size, 0), seq_len), cfg.optim
 
 
-def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup: int = 2) -> dict:
-    """Training tokens/s and achieved GFLOP/s of a `train_lm` variant, in fp32 and bf16 autocast,
-    against the matrix-multiply peak of each dtype measured in the same run."""
-    from pipeline.core.precision import resolve_device
+def benchmarked_precisions(requested: str, device: torch.device) -> tuple[str, ...]:
+    """`auto`: fp32 and bf16 where the device computes bf16 natively (the bf16 speed-up is the
+    number), fp32 alone where bf16 is emulated (its steps take ~15x longer and its matmul "peak"
+    is ~1 GFLOP/s, no peak at all); `fp32`, `bf16` or `fp32,bf16` as asked."""
+    from pipeline.core.precision import resolve_precision
+
+    if requested == "auto":
+        return ("fp32", "bf16") if resolve_precision("auto", device) == "bf16" else ("fp32",)
+    chosen = tuple(part.strip() for part in requested.split(","))
+    if not chosen or any(part not in ("fp32", "bf16") for part in chosen):
+        raise RebmError(f"bench train: --precision must be auto, fp32, bf16 or fp32,bf16, got {requested!r}")
+    return chosen
+
+
+def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup: int = 2,
+                    precision: str = "auto") -> dict:
+    """Training tokens/s and achieved GFLOP/s of a `train_lm` variant in each precision of
+    `benchmarked_precisions`, against the matrix-multiply peak of that precision's dtype measured
+    in the same run. `pipeline_precision` is what `precision: auto` trains in on this device."""
+    from pipeline.core.precision import resolve_device, resolve_precision
     from pipeline.training.loop import optimizer_for
 
     if steps < 1:
         raise RebmError("bench train: --steps must be at least 1")
     device = resolve_device(load_device(params))
+    precisions = benchmarked_precisions(precision, device)
     tok = load_section(TokenizeConfig, "tokenize", params)
     vocab_size, seq_len = tok.vocab_size, tok.seq_len
     torch.manual_seed(0)
@@ -59,6 +74,7 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
     report: dict = {
         "variant": variant,
         "device": str(device),
+        "pipeline_precision": resolve_precision("auto", device),
         "torch_threads": torch.get_num_threads(),
         "batch_size": optim.batch_size,
         "seq_len": seq_len,
@@ -68,15 +84,15 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
         "matmul_peak_gflops": {},
         "train": {},
     }
-    for name, dtype in PRECISIONS.items():
-        report["matmul_peak_gflops"][name] = round(matmul_peak_gflops(device, dtype), 1)
-    for name, dtype in PRECISIONS.items():
+    for name in dict.fromkeys(("fp32", *precisions)):  # fp32's peak is every fraction's common yardstick
+        report["matmul_peak_gflops"][name] = round(matmul_peak_gflops(device, matmul_dtype(name)), 1)
+    for name in precisions:
         optimizer = optimizer_for(model, optim)
         times = []
         for i in range(warmup + steps):
             sync(device)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
@@ -87,14 +103,20 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
                 times.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]  # median
         gflops = flops_per_token * tokens_per_step / step_s / 1e9
+        own = peak_fraction(gflops, report["matmul_peak_gflops"][name])
         report["train"][name] = {
             "step_seconds": round(step_s, 4),
             "tokens_per_s": round(tokens_per_step / step_s, 1),
             "achieved_gflops": round(gflops, 1),
-            "fraction_of_own_peak": round(gflops / report["matmul_peak_gflops"][name], 3),
+            "fraction_of_own_peak": own["fraction_of_peak"],
             "fraction_of_fp32_peak": round(gflops / report["matmul_peak_gflops"]["fp32"], 3),
+            "measurement_error": own["measurement_error"],
         }
-    report["bf16_speedup"] = round(report["train"]["fp32"]["step_seconds"] / report["train"]["bf16"]["step_seconds"], 3)
+    if "bf16" in report["train"]:
+        report["bf16_speedup"] = round(report["train"]["fp32"]["step_seconds"] / report["train"]["bf16"]["step_seconds"],
+                                       3)
+    else:
+        report["bf16_skipped"] = "bf16 is emulated on this device (pipeline_precision fp32); --precision fp32,bf16 times it"
     return report
 
 

@@ -3,11 +3,13 @@
 From data it is given (a windows file, the base LM and an energy model that travel with the
 working tree), it prints:
 
-    train      LM training tokens/s (bf16 autocast) and the fraction of the bf16 matmul peak
-               measured in the same run
+    train      LM training tokens/s and the fraction of the matmul peak measured in the same
+               run, both in the precision the pipeline uses on the device
+               (`resolve_precision("auto", device)`: bf16 on GPUs and bf16 CPUs, fp32 on an
+               AVX2-only CPU, where bf16 is emulated and its "peak" is 1 GFLOP/s)
     sample     new tokens/s of the shared-prefix sampler against `generate` at n = 16 and 128
     score      energy scoring sequences/s of a BERT body of all-MiniLM-L6-v2's shape (random
-               weights: MiniLM's 90 MB do not travel), bf16
+               weights: MiniLM's 90 MB do not travel), in that precision
     agreement  the device against the CPU on the same input: sampler log-probs (the device's
                own, against a CPU fp32 forward of the same tokens) and energies
     table 1    a joint perplexity range from `samples` full-distribution LM samples on a few
@@ -26,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.tools.throughput import lm_flops_per_token, matmul_peak_gflops, sync
+from pipeline.core.precision import autocast, resolve_precision
+from pipeline.tools.throughput import lm_flops_per_token, matmul_dtype, matmul_peak_gflops, peak_fraction, sync
 
 MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                     intermediate_size=1536, max_position_embeddings=512)
@@ -45,12 +48,10 @@ def _timed(device: torch.device, fn, repeats: int = 1) -> float:
     return best
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def train_throughput(lm_dir: Path, device: torch.device, batch: int, seq_len: int, steps: int) -> dict:
-    """Tokens/s of AdamW steps on a random init of the base LM's architecture, in bf16 autocast."""
+def train_throughput(lm_dir: Path, device: torch.device, precision: str, batch: int, seq_len: int,
+                     steps: int) -> dict:
+    """Tokens/s of AdamW steps on a random init of the base LM's architecture in `precision`, and
+    the fraction of the matmul peak of that precision's dtype on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(lm_dir)
@@ -61,7 +62,7 @@ def train_throughput(lm_dir: Path, device: torch.device, batch: int, seq_len: in
 
     def step() -> None:
         for _ in range(steps):
-            with _autocast(device):
+            with autocast(device, precision):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -69,10 +70,10 @@ def train_throughput(lm_dir: Path, device: torch.device, batch: int, seq_len: in
 
     seconds = _timed(device, step)
     tokens_per_s = steps * batch * (seq_len - 1) / seconds
-    peak = matmul_peak_gflops(device, torch.bfloat16)
+    peak = matmul_peak_gflops(device, matmul_dtype(precision))
     achieved = tokens_per_s * lm_flops_per_token(config, seq_len) / 1e9
     return {"tokens_per_s": round(tokens_per_s), "achieved_gflops": round(achieved, 1),
-            "bf16_matmul_peak_gflops": round(peak, 1), "fraction_of_peak": round(achieved / peak, 4),
+            "matmul_peak_gflops": round(peak, 1), **peak_fraction(achieved, peak),
             "batch": batch, "seq_len": seq_len, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -98,8 +99,8 @@ def sample_throughput(model, prefixes: np.ndarray, ids: np.ndarray, n: int, new_
             "generate_tokens_per_s": round(tokens / theirs), "ratio": round(theirs / ours, 2)}
 
 
-def score_throughput(device: torch.device, batch: int, seq_len: int, batches: int) -> dict:
-    """Sequences/s of an energy on a random BERT body of MiniLM's shape, bf16 autocast."""
+def score_throughput(device: torch.device, precision: str, batch: int, seq_len: int, batches: int) -> dict:
+    """Sequences/s of an energy on a random BERT body of MiniLM's shape in `precision`."""
     from transformers import BertConfig, BertModel
 
     from pipeline.models.energy import EnergyModel
@@ -110,7 +111,7 @@ def score_throughput(device: torch.device, batch: int, seq_len: int, batches: in
     mask = torch.ones_like(ids)
 
     def score() -> None:
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), autocast(device, precision):
             for _ in range(batches):
                 energy(input_ids=ids, attention_mask=mask)
 
@@ -120,7 +121,7 @@ def score_throughput(device: torch.device, batch: int, seq_len: int, batches: in
 
 
 def agreement(lm_cpu, lm_dev, energy_cpu, energy_dev, prefixes: np.ndarray, ids: np.ndarray, windows: np.ndarray,
-              new_tokens: int) -> dict:
+              new_tokens: int, precision: str) -> dict:
     """Max |device − CPU| of sampler log-probs and of energies on the same input."""
     from pipeline.sampling.sampler import Sampler, full_forward_logprobs
 
@@ -129,7 +130,7 @@ def agreement(lm_cpu, lm_dev, energy_cpu, energy_dev, prefixes: np.ndarray, ids:
     rows = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     with torch.inference_mode():
         e_cpu = energy_cpu(input_ids=rows).double().numpy()
-        with _autocast(next(energy_dev.parameters()).device):
+        with autocast(next(energy_dev.parameters()).device, precision):
             e_dev = energy_dev(input_ids=rows.to(next(energy_dev.parameters()).device)).double().cpu().numpy()
     return {"sampler_logprob_max_abs_diff": float(np.abs(drawn.token_logprobs - cpu_lp).max()),
             "sequence_logprob_max_abs_diff": float(np.abs(drawn.logprob - cpu_lp.astype(np.float64).sum(-1)).max()),
@@ -137,7 +138,7 @@ def agreement(lm_cpu, lm_dev, energy_cpu, energy_dev, prefixes: np.ndarray, ids:
 
 
 def table1_range(lm, energy, windows: np.ndarray, ids: np.ndarray, prefix_len: int, samples: int,
-                 batch_samples: int, score_batch: int) -> dict:
+                 batch_samples: int, score_batch: int, precision: str) -> dict:
     """A joint perplexity range (Eq. 4 / Theorem 2) from `samples` LM samples per test prefix."""
     from pipeline.estimation.bounds import log_partition_bounds
     from pipeline.estimation.convergence import convergence_verdict
@@ -156,12 +157,12 @@ def table1_range(lm, energy, windows: np.ndarray, ids: np.ndarray, prefix_len: i
                                drawn.tokens[0].astype(np.int64)], axis=1)
         for start in range(0, samples, score_batch):
             batch = torch.from_numpy(full[start : start + score_batch]).to(device)
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), autocast(device, precision):
                 log_weights[w, start : start + len(batch)] = -energy(input_ids=batch).double().cpu().numpy()
     sync(device)
     seconds = time.perf_counter() - t0
     lm_lp = full_forward_logprobs(lm, windows[:, :prefix_len], windows[:, None, prefix_len:])[:, 0].astype(np.float64)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         real_e = energy(input_ids=torch.from_numpy(np.ascontiguousarray(windows)).to(device)).double().cpu()
     low_z, high_z = log_partition_bounds(torch.from_numpy(log_weights))
     low, high = joint_nll_given_log_z(torch.from_numpy(lm_lp.sum(-1)), real_e, low_z, high_z)
@@ -193,32 +194,36 @@ def gpu_check(windows_file: Path, lm_dir: Path, energy_dir: Path, device: str = 
     lm_dev = AutoModelForCausalLM.from_pretrained(lm_dir).to(dev).eval()
     energy_cpu = load_energy(energy_dir)[0].eval()
     energy_dev = load_energy(energy_dir)[0].to(dev).eval()
+    precision = resolve_precision("auto", dev)
     report = {"device": str(dev), "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "torch": torch.__version__}
-    report["train"] = train_throughput(lm_dir, dev, batch=big(256), seq_len=T, steps=big(10))
+              "torch": torch.__version__, "precision": precision}
+    report["train"] = train_throughput(lm_dir, dev, precision, batch=big(256), seq_len=T, steps=big(10))
     prefixes = test_windows[:, :prefix_len]
     report["sample"] = [sample_throughput(lm_dev, prefixes, test_ids, big(n), T - prefix_len, big(8192))
                         for n in (16, 128)]
-    report["score"] = score_throughput(dev, batch=big(1024), seq_len=T, batches=big(20))
+    report["score"] = score_throughput(dev, precision, batch=big(1024), seq_len=T, batches=big(20))
     report["agreement"] = agreement(lm_cpu, lm_dev, energy_cpu, energy_dev, prefixes, test_ids, test_windows,
-                                    T - prefix_len)
+                                    T - prefix_len, precision)
     report["table1"] = table1_range(lm_dev, energy_dev, test_windows, test_ids, prefix_len, big(samples),
-                                    big(8192), big(16384))
+                                    big(8192), big(16384), precision)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 
 def format_report(r: dict) -> str:
     t, a, tab, s = r["train"], r["agreement"], r["table1"], r["score"]
-    lines = [f"GPU check on {r['device']} ({r['name']}), torch {r['torch']}",
+    lines = [f"GPU check on {r['device']} ({r['name']}), torch {r['torch']}, precision {r['precision']} "
+             "(what `precision: auto` runs on this device)",
              f"  train     {t['tokens_per_s']:,} tokens/s, {t['achieved_gflops']:,.0f} GFLOP/s = "
-             f"{100 * t['fraction_of_peak']:.1f} % of the bf16 matmul peak measured here "
-             f"({t['bf16_matmul_peak_gflops']:,.0f} GFLOP/s); batch {t['batch']} x {t['seq_len']}"]
+             f"{100 * t['fraction_of_peak']:.1f} % of the {r['precision']} matmul peak measured here "
+             f"({t['matmul_peak_gflops']:,.0f} GFLOP/s); batch {t['batch']} x {t['seq_len']}"]
+    if t["measurement_error"]:
+        lines.append(f"  MEASUREMENT ERROR (train): {t['measurement_error']}")
     for row in r["sample"]:
         lines.append(f"  sample    n = {row['n']}: sampler {row['sampler_tokens_per_s']:,} new tokens/s "
                      f"({row['path']}), generate {row['generate_tokens_per_s']:,}: ratio {row['ratio']}x")
     lines += [f"  score     {s['sequences_per_s']:,} sequences/s (BERT of MiniLM's shape, {s['parameters'] / 1e6:.1f}M, "
-              f"bf16, batch {s['batch']} x {s['seq_len']})",
+              f"{r['precision']}, batch {s['batch']} x {s['seq_len']})",
               f"  agreement sampler token log-probs max |device - cpu| {a['sampler_logprob_max_abs_diff']:.2e}, "
               f"sequence {a['sequence_logprob_max_abs_diff']:.2e}; energies {a['energy_max_abs_diff']:.2e} "
               f"(mean |E| {a['energy_scale']:.3f})",

@@ -16,6 +16,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls of a resolved precision ("fp32" | "bf16") run in."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def peak_fraction(achieved_gflops: float, peak_gflops: float) -> dict:
+    """achieved / peak, with `measurement_error` set when it is not in (0, 1]: a rate above the
+    measured peak means the peak was measured in a way the work did not run (an emulated dtype,
+    a clock that changed between the two), never that the hardware beat its own peak."""
+    fraction = achieved_gflops / peak_gflops if peak_gflops > 0 else float("inf")
+    out = {"fraction_of_peak": round(fraction, 4), "measurement_error": None}
+    if not 0 < fraction <= 1:
+        out["measurement_error"] = (f"achieved {achieved_gflops:,.1f} GFLOP/s against a measured peak of "
+                                    f"{peak_gflops:,.1f}: the peak measurement does not describe this work")
+    return out
+
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
     """Best observed GFLOP/s of an n x n matrix multiply (2 n^3 flops) in `dtype` on `device`."""
