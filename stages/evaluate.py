@@ -3,7 +3,7 @@
     LMs      exact continuation perplexity of base, BALM, RALM
     joint    UNIT / BIT / BIT* perplexity ranges, log Z from n_eval[energy] base-LM samples per
              prefix drawn here, with a convergence verdict, the self-normalised perplexity and
-             bootstrap intervals (pipeline/estimation/)
+             paired intervals over test documents (pipeline/estimation/)
     Fig. 2   the range against the number of samples used, doubling n up to n_eval
     Fig. 1   per-position perplexity by Eq. 5 on a subset of windows, the last position also
              exactly, by scoring every vocabulary token
@@ -26,7 +26,7 @@ from pipeline.core.paths import DatasetPaths
 from pipeline.core.pool_stage import load_pool_stage
 from pipeline.core.seeds import log_z_seed
 from pipeline.core.variants import stage_name
-from pipeline.data.tokenization import read_windows
+from pipeline.data.tokenization import read_window_documents, read_windows
 from pipeline.estimation.evaluation import count_saved_parameters, evenly_spaced
 from pipeline.estimation.evaluation_summary import EvaluationInputs, summarise, write_evaluation
 from pipeline.estimation.evaluation_work import EvaluationWork
@@ -45,6 +45,7 @@ def run(
     available = len(window_ids)
     rows = evenly_spaced(cfg.windows or available, available)
     window_ids, windows = window_ids[rows], windows[rows]
+    documents = read_window_documents(paths.windows_split("test"))[rows]
     lm_dirs = {v: require_model(paths.lm(v), f"{stage_name(v)}@{dataset}") for v in cfg.lms}
     energy_dirs = {v: require_model(paths.energy(v), f"{stage_name(v)}@{dataset}") for v in cfg.energies}
     position_rows = evenly_spaced(cfg.positions.windows, len(rows)) if cfg.positions.energies else rows[:0]
@@ -60,7 +61,8 @@ def run(
 
     result = summarise(
         EvaluationInputs(
-            dataset=dataset, window_ids=window_ids, windows=windows, prefix_len=tok.prefix_len,
+            dataset=dataset, window_ids=window_ids, window_documents=documents, windows=windows,
+            prefix_len=tok.prefix_len,
             available_windows=available, lm_logprobs=lm_logprobs,
             parameters={v: count_saved_parameters(d) for v, d in {**lm_dirs, **energy_dirs}.items()},
             energies=energies, position_rows=position_rows, exact_rows=exact_rows, last_lm=last_lm,

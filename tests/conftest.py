@@ -133,7 +133,8 @@ def build_toy_run(root: Path) -> Path:
     windows = rng.integers(1, vocab, (N_TEST, SEQ)).astype(np.int64)
     window_ids = SPLIT_ID_BASE["test"] + np.arange(N_TEST)
     write_table(root / "data/toy/windows/test.parquet",
-                {"window_id": window_ids, "doc_id": ["d"] * N_TEST, "input_ids": list(windows.astype(np.int32))},
+                {"window_id": window_ids, "doc_id": [f"d{i // 2}" for i in range(N_TEST)],  # two windows a document
+                 "input_ids": list(windows.astype(np.int32))},
                 WINDOWS_SCHEMA)
     for name, seed in (("base", 0), ("balm", 1)):
         tiny_gpt2(vocab, seed).save_pretrained(root / f"models/toy/lm/{name}")
@@ -206,6 +207,24 @@ def joint_entry(low: float, high: float, base: float, n: int, converged: bool) -
     }
 
 
+def paired_entries(metrics: dict, half_width: float = 0.02) -> dict:
+    """evaluate's `paired` block for every ordered pair of rows: ppl(a) at its high end over ppl(b) at
+    its low end, with an interval of ± half_width around it and the "a below b" verdict it gives."""
+    from pipeline.estimation.intervals import PairedInterval, below_verdict
+
+    ends = {v: (r["ppl"], r["ppl"]) for v, r in metrics["perplexity"].items()}
+    ends |= {v: (j["ppl_low"], j["ppl_high"]) for v, j in metrics["joint"].items()}
+    out = {}
+    for a, (_, a_high) in ends.items():
+        for b, (b_low, _) in ends.items():
+            if a != b:
+                ratio = a_high / b_low
+                ci = [round(ratio - half_width, 5), round(ratio + half_width, 5)]
+                verdict = below_verdict(PairedInterval(ratio, ci[0], ci[1], 0.95, 5, 8))
+                out[f"{a}/{b}"] = {"ratio": round(ratio, 5), "ci": ci, "below": verdict}
+    return out
+
+
 @pytest.fixture
 def evaluation_metrics() -> dict:
     """A dataset's evaluation metrics.json (the current schema) with paper-like numbers: BALM above
@@ -215,7 +234,7 @@ def evaluation_metrics() -> dict:
     last = {"base_ppl": 30.0, "base_ppl_on_exact_windows": 31.0, "estimated_ppl_low": 25.0, "estimated_ppl_high": 26.0,
             "estimated_ppl_low_on_exact_windows": 26.0, "estimated_ppl_high_on_exact_windows": 27.0,
             "exact_windows": 2}
-    return {
+    metrics = {
         "dataset": "paper", "test_windows": 100, "test_windows_available": 100, "continuation_tokens": 4000,
         "n_eval": {"unit": 64, "bit": 16, "bit_star": 64},
         "convergence_epsilon": 0.01, "convergence_rule": CONVERGENCE_RULE, "bootstrap": dict(BOOTSTRAP),
@@ -234,6 +253,7 @@ def evaluation_metrics() -> dict:
             "bit_star": {"windows": 4, "samples": 8, "last_position": {**last, "exact_ppl": 26.5}},
         },
     }
+    return metrics | {"paired": paired_entries(metrics)}
 
 
 @pytest.fixture
@@ -251,4 +271,12 @@ def generation_metrics() -> dict:
         "repetition_rate_4gram_with_prefix": sources(0.005, 0.13, 0.30),
         "loglik_density": {"base_lm": {"mean_gap": {"base": 21.64, "joint": 30.0}},
                            "joint": {"mean_gap": {"base": 18.0, "joint": 6.20}}},
+        # Paired intervals over the prefixes: 1-, 2-grams inside the noise, 3-, 4-grams clearly fewer;
+        # the joint samples' gap clearly smaller.
+        "paired": {"level": 0.95, "resamples": 1000, "documents": 20,
+                   "unique_ngrams": {"1": {"mean": 1.0, "ci": [-0.5, 2.5]}, "2": {"mean": 0.0, "ci": [-1.0, 1.0]},
+                                     "3": {"mean": -14.0, "ci": [-20.0, -8.0]},
+                                     "4": {"mean": -19.0, "ci": [-25.0, -13.0]}},
+                   "closer_to_real": {"mean": -15.44, "ci": [-20.0, -10.0], "same_sign": True,
+                                      "mean_gap": {"base": 21.64, "joint": 6.20}}},
     }

@@ -271,7 +271,8 @@ def test_samples_stream_in_chunks_each_checkpointed(project: Path, result: dict,
     resumed = evaluate(root, evaluate__stream_samples=3)
     assert drawn == ["log_z_samples_6-8", "position_samples_0-3", "position_samples_3-6"]
     assert not checkpoint.exists()
-    assert_close(without_wall(resumed), without_wall(result), rel=1e-5)
+    # 5e-5: the paired intervals of the BIT rows (|E| ~ 60) turn float32's last bits into ~1e-5 of exp(·).
+    assert_close(without_wall(resumed), without_wall(result), rel=5e-5)
 
 
 def streamed_peak(root: Path, scratch: Path, n: int) -> tuple[int, dict]:

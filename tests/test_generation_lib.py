@@ -268,3 +268,32 @@ def test_joint_loglik_and_table_metrics() -> None:
     assert set(metrics["unique_ngram_pct"]["sequence"]["4"]) == {"real", "base", "joint"}
     assert metrics["windows"] == 5
     assert set(metrics["loglik_density"]) == {"base_lm", "joint"}
+
+
+def test_paired_sample_checks_decide_the_section_4_3_claims_per_prefix() -> None:
+    """Joint continuations with more distinct 3-grams than BASE LM's on every prefix, and log-likelihoods
+    closer to real text: both intervals exclude 0 on the claim's side; equal sources give intervals around 0."""
+    from pipeline.generation.sample_analysis import paired_sample_checks
+
+    rng = np.random.default_rng(0)
+    W = 24
+    repetitive = [[1, 2, 3] * 4 for _ in range(W)]  # 12 tokens, 3 distinct 3-grams of 10
+    varied = [list(rng.permutation(50)[:12]) for _ in range(W)]
+    real_ll = rng.normal(-100, 5, W)
+    table = pa.table({
+        "gold_ids": varied, "base_ids": repetitive, "joint_ids": varied,
+        "gold_lm_logprob": real_ll, "base_lm_logprob": real_ll + 20 + rng.normal(0, 1, W),
+        "joint_lm_logprob": real_ll + 6 + rng.normal(0, 1, W),
+        "gold_energy": np.zeros(W), "base_energy": np.zeros(W), "joint_energy": np.zeros(W),
+    })
+    documents = np.repeat(np.arange(12), 2)
+    checks = paired_sample_checks(table, documents, 0.95, 1000, seed=0, ns=(1, 3))
+    assert checks["documents"] == 12
+    assert checks["unique_ngrams"]["3"]["ci"][0] > 0  # joint has more unique 3-grams, clearly
+    closer = checks["closer_to_real"]
+    assert closer["same_sign"] and closer["ci"][1] < 0  # joint's gap (6) clearly below BASE LM's (20)
+    assert closer["mean_gap"]["base"] == pytest.approx(20, abs=1) and closer["mean_gap"]["joint"] == pytest.approx(6, abs=1)
+
+    same = table.set_column(table.schema.get_field_index("joint_ids"), "joint_ids", pa.array(repetitive))
+    low, high = paired_sample_checks(same, documents, 0.95, 1000, seed=0, ns=(3,))["unique_ngrams"]["3"]["ci"]
+    assert low == high == 0  # identical continuations: no difference at all

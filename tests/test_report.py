@@ -157,7 +157,8 @@ def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git
     assert md.index("## Table 1") < md.index("## The paper's claims, checked") < md.index("## Figure 1")
     assert ("| JOINT BIT-BASE below JOINT UNIT | toy2 | not converged | — | JOINT BIT-BASE: log Z not converged at "
             f"n = 4 ({NOT_CONVERGED_REASON}) |") in claims
-    assert "| JOINT UNIT below BASE LM (whole range) | toy2 | does not hold | " in claims  # E ≡ 0: UNIT = BASE LM
+    # E ≡ 0: UNIT = BASE LM on every window, a paired interval of exactly [1, 1]: neither below nor above.
+    assert "| JOINT UNIT below BASE LM (whole range) | toy2 | inconclusive | " in claims
     assert "| BALM below BASE LM | toy2 | " in claims and "| BALM below BASE LM | toy | " in claims
     assert claims.count("exact last-position ppl inside its estimated range") == 4  # 2 energies, 2 datasets
     assert "| JOINT UNIT: exact last-position ppl inside its estimated range (Figure 1) | toy | holds |" in claims

@@ -441,11 +441,12 @@ class ConvergenceConfig(Section):
     """`evaluate.convergence`: the rule that calls a log Z estimate converged (pipeline/estimation/convergence.py)."""
 
     epsilon: float = Field(default=0.2, gt=0)  # nats of mean log Z; exp(ε / (T − p)) in per-token perplexity
-    min_samples: int = Field(default=64, ge=2)
+    min_samples: int = Field(default=256, ge=2)
 
 
 class BootstrapConfig(Section):
-    """`evaluate.bootstrap`: the paired bootstrap over test windows of each row's ratio to BASE LM."""
+    """`evaluate.bootstrap` / `generate.bootstrap`: the paired intervals over test documents
+    (pipeline/estimation/intervals.py: studentized bootstrap, widened to Student t where wider)."""
 
     resamples: int = Field(default=2000, ge=100)
     level: float = Field(default=0.95, gt=0, lt=1)
@@ -467,7 +468,7 @@ class EvaluateConfig(Section):
     energies: list[EnergyVariant] = Field(default_factory=lambda: ["unit", "bit", "bit_star"])
     windows: int | None = Field(default=8, gt=0)
     n_eval: dict[EnergyVariant, Annotated[int, Field(ge=2)]] = Field(
-        default_factory=lambda: {"unit": 64, "bit": 64, "bit_star": 4096})
+        default_factory=lambda: {"unit": 256, "bit": 256, "bit_star": 4096})
     convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
@@ -515,6 +516,7 @@ class GenerateConfig(Section):
     windows: int | None = Field(default=32, gt=0)
     shard_windows: int = Field(default=8, gt=0)
     density_bins: int = Field(default=40, ge=5)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)  # §4.3 claims' paired intervals
     precision: Precision = "auto"
     batch_size: int = Field(default=64, gt=0)
     shard_sequences: int = Field(default=256, gt=0)

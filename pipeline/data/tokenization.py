@@ -179,6 +179,13 @@ def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return table.column("window_id").to_numpy().astype(np.int64), ids
 
 
+def read_window_documents(path: Path) -> np.ndarray:
+    """The doc_id of every window of one split [N] (str), in file order (schema-checked)."""
+    from pipeline.core.io import read_table
+
+    return np.asarray(read_table(path, WINDOWS_SCHEMA, columns=["doc_id"]).column("doc_id").to_pylist(), dtype=object)
+
+
 def read_window_ids(path: Path) -> np.ndarray:
     """All windows of one split as an int64 [N, seq_len] array (with schema check)."""
     return read_windows(path)[1]

@@ -2,8 +2,15 @@
 
 `summarise` combines the LM log-probs, the energies of the real windows and of the LM samples
 (pipeline/estimation/evaluation_work.py) with the estimators: the [T_n, U_n] ranges (Eq. 4), the
-convergence verdict of each (pipeline/estimation/convergence.py), the self-normalised perplexity
-(log Z = 0, Theorem 1), paired bootstrap intervals over test windows, and Eq. 5 per position.
+convergence verdict of each with its PSIS diagnostics (pipeline/estimation/convergence.py), the
+self-normalised perplexity (log Z = 0, Theorem 1), paired intervals over test documents for every
+row against BASE LM and for every pair of rows (pipeline/estimation/intervals.py), and Eq. 5 per
+position.
+
+What an interval covers: the sampling of test windows from their documents, with everything else
+fixed (the trained models, the LM samples behind log Z). It does not cover what changes between
+two honest runs of the pipeline (training seeds, bf16 vs fp32 numerics): that is the run-to-run
+spread, measured separately.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pipeline.estimation.evaluation import (
     per_position_logprob_bounds,
     position_perplexity,
 )
+from pipeline.estimation.intervals import METHOD, below_verdict, document_sums, paired_ratio_interval
 from pipeline.estimation.joint import joint_nll_given_log_z, perplexity_range
 
 
@@ -39,21 +47,29 @@ def self_normalised_perplexity(lm_logprob: np.ndarray, real_energy: np.ndarray, 
     return math.exp(-(np.asarray(lm_logprob, np.float64) - np.asarray(real_energy, np.float64)).sum() / tokens)
 
 
-def bootstrap_ratio_interval(nll: np.ndarray, base_nll: np.ndarray, tokens_per_window: int, resamples: int,
-                             seed: int, level: float) -> tuple[float, float]:
-    """Paired bootstrap interval of perplexity(model) / perplexity(BASE LM) over test windows.
+def row_nlls(lm_logprobs: dict[str, np.ndarray], joint_nll: dict[str, tuple[np.ndarray, np.ndarray]]
+             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every Table 1 row's per-window sequence NLL as (low end, high end): an LM row's both ends
+    are its exact NLL; a joint row's are its T_n and U_n ends."""
+    rows = {v: (-lp.sum(axis=1), -lp.sum(axis=1)) for v, lp in lm_logprobs.items()}
+    return rows | joint_nll
 
-    nll, base_nll: per-window sequence NLLs [N] on the same windows; each resample draws N
-    windows with replacement and takes both models on the same draw (paired), so the
-    window-to-window difficulty cancels. Percentile interval at `level`.
-    """
-    diff = np.asarray(nll, np.float64) - np.asarray(base_nll, np.float64)
-    N = len(diff)
-    draws = np.random.default_rng(seed).integers(0, N, size=(resamples, N))
-    ratios = np.exp(diff[draws].sum(axis=1) / (N * tokens_per_window))
-    tail = (1 - level) / 2
-    low, high = np.quantile(ratios, [tail, 1 - tail])
-    return float(low), float(high)
+
+def paired_comparisons(rows: dict[str, tuple[np.ndarray, np.ndarray]], documents: np.ndarray, L: int, boot,
+                       seed: int) -> dict[str, dict]:
+    """For every ordered pair (a, b) of rows: the paired interval of ppl(a) / ppl(b) taking a at its
+    HIGH end and b at its LOW end (so "a below b" is claimed only when a's worst case beats b's best
+    case, window by window), and the verdict of "a below b" from it."""
+    out = {}
+    for a, (_, a_high) in rows.items():
+        for b, (b_low, _) in rows.items():
+            if a == b:
+                continue
+            ci = paired_ratio_interval(a_high, b_low, documents, L, boot.level, boot.resamples,
+                                       bootstrap_seed(seed, f"{a}/{b}"))
+            out[f"{a}/{b}"] = {"ratio": None if ci is None else round(ci.point, 5),
+                               "ci": None if ci is None else ci.as_list(), "below": below_verdict(ci)}
+    return out
 
 
 @dataclass
@@ -62,6 +78,7 @@ class EvaluationInputs:
 
     dataset: str
     window_ids: np.ndarray  # [N]
+    window_documents: np.ndarray  # [N] the document each window was cut from: the resampling unit
     windows: np.ndarray  # [N, T]
     prefix_len: int
     available_windows: int  # test windows in the file; N of them were scored
@@ -85,11 +102,12 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
     def vs_base(ppl: float) -> float:
         return round(100 * (ppl / base_ppl - 1), 3)
 
-    def ratio_ci(nll: np.ndarray, name: str) -> list[float]:
-        low, high = bootstrap_ratio_interval(nll, -base_seq, L, boot.resamples, bootstrap_seed(seed, name), boot.level)
-        return [round(low, 5), round(high, 5)]
+    def ratio_ci(nll: np.ndarray, name: str) -> list[float] | None:
+        ci = paired_ratio_interval(nll, -base_seq, x.window_documents, L, boot.level, boot.resamples,
+                                   bootstrap_seed(seed, name))
+        return None if ci is None else ci.as_list()
 
-    metrics_lm, metrics_joint, curves = {}, {}, {}
+    metrics_lm, metrics_joint, curves, joint_nll = {}, {}, {}, {}
     for variant, logprobs in x.lm_logprobs.items():
         ppl = float(np.exp(-logprobs.sum() / tokens))
         metrics_lm[variant] = {"ppl": round(ppl, 3), "parameters": x.parameters[variant]}
@@ -105,6 +123,7 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
             nll[k] = (*joint_nll_given_log_z(base_seq, e["real"], lower_log_z, upper_log_z),
                       float(lower_log_z.mean()), float(upper_log_z.mean()))
         nll_low, nll_high = nll[n][0].numpy(), nll[n][1].numpy()
+        joint_nll[variant] = (nll_low, nll_high)
         joint = JointRange(*perplexity_range(nll_low, nll_high, tokens))
         verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)
         self_normalised = self_normalised_perplexity(base_seq, e["real"], tokens)
@@ -121,6 +140,8 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
             "ratio_to_base_ci_high": ratio_ci(nll_high, f"{variant}/high"),
             "convergence": verdict.as_dict(),
             "verdict": verdict.label,
+            "khat_pooled": round(verdict.diagnostics.pooled_khat, 3),
+            "ess_min": round(float(verdict.diagnostics.ess.min()), 1),
             "parameters": x.parameters["base"] + x.parameters[variant],
             "energy_parameters": x.parameters[variant],
             "mean_energy_real": round(float(e["real"].mean()), 4),
@@ -138,7 +159,10 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
         "n_eval": {v: cfg.n_eval[v] for v in x.energies},
         "convergence_epsilon": cfg.convergence.epsilon,
         "convergence_rule": RULE.format(min_samples=cfg.convergence.min_samples, epsilon=cfg.convergence.epsilon),
-        "bootstrap": {"resamples": boot.resamples, "seed": seed, "level": boot.level},
+        "bootstrap": {"resamples": boot.resamples, "seed": seed, "level": boot.level, "method": METHOD,
+                      "unit": "document", "documents": len(document_sums(base_seq, x.window_documents)[0]),
+                      "covers": "test-window sampling only (models and LM samples fixed), not run-to-run spread"},
+        "paired": paired_comparisons(row_nlls(x.lm_logprobs, joint_nll), x.window_documents, L, boot, seed),
         "perplexity": metrics_lm,
         "joint": metrics_joint,
         "positions": positions["metrics"],
@@ -201,9 +225,15 @@ def position_summary(x: EvaluationInputs, cfg) -> dict:
         if len(exact_rows):
             k = len(exact_rows)
             exact = exact_last_logprob(x.last_lm, e["last_candidates"], x.windows[exact_rows, -1])
+            exact_ppl = float(np.exp(-exact.mean()))
+            est_low, est_high = float(np.exp(-upper[:k, -1].mean())), float(np.exp(-lower[:k, -1].mean()))
             entry["last_position"].update({
                 "exact_windows": k,
-                "exact_ppl": round(float(np.exp(-exact.mean())), 3),
+                "exact_precision": "fp32",  # candidates scored in fp32 (EvaluationWork.energies)
+                "exact_ppl": round(exact_ppl, 3),
+                # exact vs the estimated range on the same windows: 0 inside, else % beyond the nearer end
+                "exact_gap_pct": round(0.0 if est_low <= exact_ppl <= est_high else
+                                       100 * (exact_ppl / (est_low if exact_ppl < est_low else est_high) - 1), 2),
                 "base_ppl_on_exact_windows": round(float(np.exp(-base_tok[:k, -1].mean())), 3),
                 "estimated_ppl_low_on_exact_windows": round(float(np.exp(-upper[:k, -1].mean())), 3),
                 "estimated_ppl_high_on_exact_windows": round(float(np.exp(-lower[:k, -1].mean())), 3),
@@ -232,9 +262,15 @@ def positions_converged(position_energies: np.ndarray, rule) -> np.ndarray:
     denominator at position j and the numerator at j − 1. Position j is converged when its
     denominator's column and (except at the last position, whose numerator is exact) its
     numerator's column both pass `convergence_verdict` over the W windows.
+
+    The tolerance is Table 1's on the perplexity scale: Table 1 accepts a move of ε nats in the
+    mean log Z of an L-token continuation, a factor exp(ε / L) on per-token perplexity; a column
+    moves one position's log-probability, so the same factor there is ε / L nats (0.005 for the
+    default's ε = 0.2, L = 40: ×1.005, where ε alone would be ×1.22).
     """
     e = np.asarray(position_energies, dtype=np.float64)
-    column_ok = np.array([convergence_verdict(-e[:, j], rule.epsilon, rule.min_samples).converged
+    epsilon = rule.epsilon / e.shape[1]
+    column_ok = np.array([convergence_verdict(-e[:, j], epsilon, rule.min_samples).converged
                           for j in range(e.shape[1])])
     return column_ok & np.append(column_ok[1:], True)
 
@@ -254,18 +290,22 @@ def table1_markdown(metrics: dict) -> str:
     ]
     for variant, row in metrics["perplexity"].items():
         vs = "—" if variant == "base" else f"{100 * (row['ppl'] / base - 1):+.2f}%"
-        ci = "—" if variant == "base" else "{:.3f}–{:.3f}".format(*row["ratio_to_base_ci"])
+        ci = "—" if variant == "base" or row["ratio_to_base_ci"] is None else "{:.3f}–{:.3f}".format(
+            *row["ratio_to_base_ci"])
         lines.append(f"| {DISPLAY_NAMES[variant]} | {format_parameters(row['parameters'])} | {row['ppl']:.2f} | {vs} "
                      f"| exact | — | {ci} |")
     for variant, row in metrics["joint"].items():
         converged = row["convergence"]["converged"]
         vs = (f"{row['vs_base_pct_low']:+.2f}% … {row['vs_base_pct_high']:+.2f}%" if converged
               else "— (not converged)")
-        ci = f"{row['ratio_to_base_ci_low'][0]:.3f}–{row['ratio_to_base_ci_high'][1]:.3f}"
+        low_ci, high_ci = row["ratio_to_base_ci_low"], row["ratio_to_base_ci_high"]
+        ci = "—" if low_ci is None or high_ci is None else f"{low_ci[0]:.3f}–{high_ci[1]:.3f}"
+        diag = row["convergence"]["diagnostics"]
         lines.append(
             f"| {DISPLAY_NAMES[variant]} | {format_parameters(row['parameters'] - row['energy_parameters'])}"
             f"+{format_parameters(row['energy_parameters'])} | {row['ppl_low']:.2f}–{row['ppl_high']:.2f} | {vs} "
-            f"| {row['verdict']} | {row['self_normalised_ppl']:.2f} ({row['vs_base_pct_self_normalised']:+.2f}%) "
+            f"| {row['verdict']}; k̂ {diag['pooled_khat']:.2f}, ESS ≥ {diag['ess_min']:.0f} "
+            f"| {row['self_normalised_ppl']:.2f} ({row['vs_base_pct_self_normalised']:+.2f}%) "
             f"| {ci} |"
         )
     n = ", ".join(f"{DISPLAY_NAMES[v]} {k}" for v, k in metrics["n_eval"].items())
@@ -273,9 +313,12 @@ def table1_markdown(metrics: dict) -> str:
         "",
         f"Joint ranges: log Z of each prefix from n BASE LM samples (full distribution; n: {n}), lower end with "
         f"T_n, upper end with U_n (Eq. 4). Perplexity is per continuation token. log Z verdict: "
-        f"{metrics['convergence_rule']}. A range that is not converged states no gain. The ratio interval is a "
-        f"paired bootstrap over test windows ({metrics['bootstrap']['resamples']} resamples; for joint rows, from "
-        "the T_n end's lower quantile to the U_n end's upper quantile).",
+        f"{metrics['convergence_rule']}. k̂: PSIS Pareto shape of the pooled importance weights; ESS: the smallest "
+        f"prefix's effective sample size. A range that is not converged states no gain. The ratio interval is "
+        f"paired, over the {metrics['bootstrap'].get('documents', '?')} test documents "
+        f"({metrics['bootstrap'].get('method', 'bootstrap')}, {metrics['bootstrap']['resamples']} resamples; for "
+        "joint rows, from the T_n end's lower end to the U_n end's upper end). It covers the sampling of test "
+        "windows only; the models and the LM samples are held fixed.",
         "",
     ]
     return "\n".join(lines)

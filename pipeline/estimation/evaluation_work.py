@@ -260,33 +260,32 @@ class EvaluationWork:
     def energies(self, variant: str, energy_dir: Path, streamed: dict[str, np.ndarray], exact_rows: np.ndarray,
                  last_lm: np.ndarray | None, dataset: str) -> dict[str, np.ndarray]:
         """Energies of the real windows and, for a Figure 1 energy, of the |V| last-position candidates,
-        with the streamed energies of the LM samples (`sample_energies`) alongside."""
+        with the streamed energies of the LM samples (`sample_energies`) alongside.
+
+        The candidates are scored in fp32 whatever `precision` says: the exact last position is
+        the estimator's check, and bf16 energies move with the batch they land in (up to 0.02
+        on a real window) by more than the gap the check looks for. The real last token is one of
+        the candidates, so the exact value's numerator and denominator come from that one pass."""
         from pipeline.estimation.scoring import score_energies
 
         cfg = self.cfg
-        blocks = {"real": self.windows}
+        key = fingerprint(self.data_key, self._model_key(energy_dir), cfg.precision, cfg.batch_size,
+                          cfg.shard_sequences)
+
+        def scored(block: np.ndarray, precision: str, what: str) -> np.ndarray:
+            with tqdm(total=len(block), unit="seq", desc=f"{what} {dataset}/{variant}",
+                      disable=not self.progress) as bar:
+                return score_energies(
+                    energy_dir, self.tokenizer_dir, block, shard_sequences=cfg.shard_sequences,
+                    batch_size=cfg.batch_size, precision=precision, on_progress=bar.update, **self.pool,
+                )
+
+        out = dict(self._cached(f"energies_{variant}", key,
+                                lambda: {"real": scored(self.windows, cfg.precision, "energies")}))
         if "positions" in streamed and len(exact_rows):
             vocab = last_lm.shape[-1]
-            blocks["last_candidates"] = np.concatenate(
-                [last_position_candidates(w, vocab) for w in self.windows[exact_rows]])
-        last_lm_key = self.part_keys["last_position_lm"] if "last_candidates" in blocks else None
-        key = fingerprint(self.data_key, self._model_key(energy_dir), cfg.precision, cfg.batch_size,
-                          cfg.shard_sequences, last_lm_key)
-
-        def compute() -> dict[str, np.ndarray]:
-            everything = np.concatenate(list(blocks.values()))
-            with tqdm(total=len(everything), unit="seq", desc=f"energies {dataset}/{variant}",
-                      disable=not self.progress) as bar:
-                scored = score_energies(
-                    energy_dir, self.tokenizer_dir, everything, shard_sequences=cfg.shard_sequences,
-                    batch_size=cfg.batch_size, precision=cfg.precision, on_progress=bar.update, **self.pool,
-                )
-            out, offset = {}, 0
-            for name, block in blocks.items():
-                out[name] = scored[offset : offset + len(block)]
-                offset += len(block)
-            if "last_candidates" in out:
-                out["last_candidates"] = out["last_candidates"].reshape(len(exact_rows), -1)
-            return out
-
-        return {**self._cached(f"energies_{variant}", key, compute), **streamed}
+            candidates = np.concatenate([last_position_candidates(w, vocab) for w in self.windows[exact_rows]])
+            exact_key = fingerprint(key, "fp32", self.part_keys["last_position_lm"])
+            out |= self._cached(f"last_candidates_{variant}", exact_key, lambda: {
+                "last_candidates": scored(candidates, "fp32", "exact last position (fp32)").reshape(len(exact_rows), -1)})
+        return {**out, **streamed}

@@ -197,10 +197,18 @@ class GenerateWorker:
                 **{f"{s}_ids": tokens[rows, getattr(selection, f"{s}_index")] for s in PICKS}}
 
 
-def write_analyses(paths: DatasetPaths, table, cfg: GenerateConfig, dataset: str) -> dict:
+def write_analyses(paths: DatasetPaths, table, cfg: GenerateConfig, dataset: str, documents: np.ndarray,
+                   seed: int) -> dict:
     """§4.3 on the generations: unique n-grams (Figure 2 right), log-likelihood densities
-    (Figure 3), a few examples; returns the metrics they summarise to."""
-    from pipeline.generation.sample_analysis import density_summary, loglik_by_source, sample_metrics, unique_ngram_rows
+    (Figure 3) with paired intervals over the prefixes' `documents`, a few examples; returns the
+    metrics they summarise to."""
+    from pipeline.generation.sample_analysis import (
+        density_summary,
+        loglik_by_source,
+        paired_sample_checks,
+        sample_metrics,
+        unique_ngram_rows,
+    )
 
     out = paths.generation_results
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +223,7 @@ def write_analyses(paths: DatasetPaths, table, cfg: GenerateConfig, dataset: str
         "n_gen": cfg.n_gen,
         "top_k": cfg.top_k,
         **sample_metrics(table),
+        "paired": paired_sample_checks(table, documents, cfg.bootstrap.level, cfg.bootstrap.resamples, seed),
     }
 
 

@@ -61,6 +61,7 @@ from pipeline.estimation.evaluation import evenly_spaced, format_parameters
 from pipeline.reporting.claims import (
     NOT_CONVERGED,
     VERDICTS,
+    chance_level_reason,
     check_claims,
     ci_level,
     ci_text,
@@ -96,6 +97,7 @@ class DatasetResults:
     examples: list[dict[str, Any]]  # generations.parquet rows shown as Tables 5–6
     generation_baseline: dict[str, Any] | None = None  # baseline_metrics.json: label, commit, metrics
     not_applicable: dict[str, str] = field(default_factory=dict)  # variant -> why its stage trained nothing
+    did_not_learn: dict[str, str] = field(default_factory=dict)  # energy -> its pair accuracy, at chance
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
         examples=[rows[i] for i in evenly_spaced(examples, len(rows))],
         generation_baseline=read_generation_baseline(baseline) if baseline.exists() else None,
         not_applicable=not_applicable_variants(paths),
+        did_not_learn=energies_at_chance(paths),
     )
 
 
@@ -209,6 +212,16 @@ def not_applicable_variants(paths: DatasetPaths) -> dict[str, str]:
             payload = _read_json(path)
             if payload.get("applicable") is False:
                 found[variant] = str(payload.get("reason", "not applicable"))
+    return found
+
+
+def energies_at_chance(paths: DatasetPaths) -> dict[str, str]:
+    """{energy: why} for the trained energies whose validation pair accuracy is not clear of chance."""
+    found = {}
+    for variant in ENERGY_VARIANTS:
+        path = paths.energy_metrics(variant)
+        if path.exists() and (why := chance_level_reason(_read_json(path))) is not None:
+            found[variant] = why
     return found
 
 
@@ -614,6 +627,46 @@ def _joint_gain(j: dict) -> str:
     return f"{j['vs_base_pct_low']:+.2f}% … {j['vs_base_pct_high']:+.2f}%"
 
 
+def _diagnostics_note(j: dict) -> str:
+    """'; k̂ 0.31, ESS ≥ 812 of 4096': the PSIS evidence beside a log Z verdict ('' in older metrics)."""
+    diag = j.get("convergence", {}).get("diagnostics")
+    if diag is None:
+        return ""
+    ess = diag["ess_min"]
+    return f"; k̂ {diag['pooled_khat']:.2f}, ESS ≥ {ess:.1f} of {diag['samples']}" if ess < 10 else \
+        f"; k̂ {diag['pooled_khat']:.2f}, ESS ≥ {ess:.0f} of {diag['samples']}"
+
+
+def _headline(datasets: Sequence[DatasetResults]) -> list[str]:
+    """One line per dataset on the best-placed joint model (BIT-LARGE*, else BIT-BASE*): its range
+    against BASE LM with the paired interval and verdict. A range whose log Z did not converge says
+    so first: its numbers state no gain."""
+    lines = []
+    for d in datasets:
+        joint = d.evaluation.get("joint", {})
+        base = d.evaluation.get("perplexity", {}).get("base", {}).get("ppl")
+        variant = next((v for v in ("bit_large", "bit_star") if v in joint), None)
+        if variant is None or base is None:
+            continue
+        j = joint[variant]
+        converged = j.get("convergence", {}).get("converged") is not False
+        pair = d.evaluation.get("paired", {}).get(f"{variant}/base", {})
+        ci = pair.get("ci")
+        # No verdict from an unconverged range: its interval is shown, not read.
+        verdict = f", {pair.get('below', 'inconclusive')}" if converged else ""
+        interval = "no paired interval" if ci is None else f"paired {ci_level(d.evaluation)} CI of the ratio to " \
+            f"BASE LM [{ci[0]:.3f}, {ci[1]:.3f}]{verdict}"
+        text = (f"{display_name(variant)} {_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])} vs BASE LM {_fmt(base)} "
+                f"({interval})")
+        if not converged:
+            lines.append(f"**{md_escape(d.name)}: log Z NOT CONVERGED, so this range states no gain** — "
+                         f"{md_escape(text)}; {md_escape(not_converged_why(j))}")
+        else:
+            lines.append(f"**{md_escape(d.name)}**: {md_escape(text)}; {md_escape(verdict_label(j))}"
+                         f"{md_escape(_diagnostics_note(j))}")
+    return lines
+
+
 def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     """Table 1 with the datasets side by side: exact LM perplexity, joint [low–high] ranges with
     their convergence verdict; a note per dataset (windows, n, the convergence rule)."""
@@ -654,7 +707,8 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
             if "energy_parameters" in j and "parameters" in j:
                 params.append(f"{format_parameters(j['parameters'] - j['energy_parameters'])}"
                               f"+{format_parameters(j['energy_parameters'])}")
-            cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}", verdict_label(j), _joint_gain(j)]
+            cells += [f"{_fmt(j['ppl_low'])}–{_fmt(j['ppl_high'])}", verdict_label(j) + _diagnostics_note(j),
+                      "— (did not learn)" if v in d.did_not_learn else _joint_gain(j)]
         rows.append([display_name(v), params_cell(params), *cells])
     notes = [{"name": d.name, "windows": _windows_used(ev), "tokens": ev.get("continuation_tokens", "?"),
               "n_eval": ", ".join(f"{_n_eval(ev, e)} ({display_name(e)})" for e in _ordered(ev.get("joint", {})))
@@ -664,8 +718,10 @@ def _table1(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
              for d in datasets for ev in [d.evaluation]]
     inapplicable = sorted({(display_name(v), why) for d in datasets for v, why in d.not_applicable.items()
                            if v in (*lms, *joints)})
+    at_chance = [f"{display_name(v)} ({d.name}): {why}" for d in datasets for v, why in d.did_not_learn.items()
+                 if v in joints]
     return {"names": [d.name for d in datasets], "rows": rows, "notes": notes,
-            "not_applicable": [f"{name}: {why}" for name, why in inapplicable]}
+            "not_applicable": [f"{name}: {why}" for name, why in inapplicable], "did_not_learn": at_chance}
 
 
 def _ratio(value: float, base: float | None, ci: Sequence[float] | None, level: str) -> str:
@@ -694,7 +750,9 @@ def _reference(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
                 self_normalised = (f"{_fmt(j['self_normalised_ppl'])} "
                                    f"({j['vs_base_pct_self_normalised']:+.2f}% vs BASE LM)")
             rows.append([md_escape(d.name), display_name(v), ratio, self_normalised])
-    notes = [{"name": d.name, "resamples": b["resamples"], "seed": b["seed"], "level": ci_level(d.evaluation)}
+    notes = [{"name": d.name, "resamples": b["resamples"], "seed": b["seed"], "level": ci_level(d.evaluation),
+              "method": b.get("method", "percentile bootstrap over test windows"),
+              "documents": b.get("documents", "?"), "covers": b.get("covers")}
              for d in datasets if (b := d.evaluation.get("bootstrap")) is not None]
     return {"rows": rows, "notes": notes}
 
@@ -748,7 +806,7 @@ def _claims(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     by_claim: dict[str, list[list[str]]] = {}
     counts = []
     for d in datasets:
-        claims = check_claims(d.evaluation, d.generation, d.not_applicable)
+        claims = check_claims(d.evaluation, d.generation, d.not_applicable, d.did_not_learn)
         for c in claims:
             by_claim.setdefault(c.claim, []).append(
                 [md_escape(c.claim), md_escape(d.name), c.verdict, md_escape(c.evidence), md_escape(c.why) or "—"])
@@ -883,7 +941,7 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
     human = inputs.human_eval
     text = render_template(
         "report.md.j2", title=TITLE, datasets=ds,
-        table1=_table1(ds), reference=_reference(ds), last_position=_last_position(ds), claims=_claims(ds),
+        headline=_headline(ds), table1=_table1(ds), reference=_reference(ds), last_position=_last_position(ds), claims=_claims(ds),
         figure1=[_figure1(d, figures) for d in ds], figure2=(later := [_figures(d) for d in ds]), figure3=later,
         sample_stats=_sample_stats(ds), before_after=_before_after(ds),
         human=human, human_table=None if human.markdown is None else human.markdown.rstrip("\n"),
