@@ -633,8 +633,8 @@ def _diagnostics_note(j: dict) -> str:
     if diag is None:
         return ""
     ess = diag["ess_min"]
-    return f"; k̂ {diag['pooled_khat']:.2f}, ESS ≥ {ess:.1f} of {diag['samples']}" if ess < 10 else \
-        f"; k̂ {diag['pooled_khat']:.2f}, ESS ≥ {ess:.0f} of {diag['samples']}"
+    digits = 1 if ess < 10 else 0  # 2.5 of 4096 must not read as 2
+    return f"; k̂ {diag['pooled_khat']:.2f}, ESS ≥ {ess:.{digits}f} of {diag['samples']}"
 
 
 def _headline(datasets: Sequence[DatasetResults]) -> list[str]:
