@@ -26,7 +26,7 @@ from pipeline.core.paths import DatasetPaths
 from pipeline.core.pool_stage import load_pool_stage
 from pipeline.core.seeds import log_z_seed
 from pipeline.core.variants import stage_name
-from pipeline.data.tokenization import read_window_documents, read_windows
+from pipeline.data.tokenization import read_windows, window_documents
 from pipeline.estimation.evaluation import count_saved_parameters, evenly_spaced
 from pipeline.estimation.evaluation_summary import EvaluationInputs, summarise, write_evaluation
 from pipeline.estimation.evaluation_work import EvaluationWork
@@ -45,7 +45,7 @@ def run(
     available = len(window_ids)
     rows = evenly_spaced(cfg.windows or available, available)
     window_ids, windows = window_ids[rows], windows[rows]
-    documents = read_window_documents(paths.windows_split("test"))[rows]
+    documents = window_documents(paths.windows_split("test"), window_ids)
     lm_dirs = {v: require_model(paths.lm(v), f"{stage_name(v)}@{dataset}") for v in cfg.lms}
     energy_dirs = {v: require_model(paths.energy(v), f"{stage_name(v)}@{dataset}") for v in cfg.energies}
     position_rows = evenly_spaced(cfg.positions.windows, len(rows)) if cfg.positions.energies else rows[:0]

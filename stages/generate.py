@@ -15,15 +15,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.core.config import GenerateConfig, TokenizeConfig, load_device, load_section, load_seed
 from pipeline.core.io import ArrayCheckpoint, require_model, write_json
 from pipeline.core.paths import DatasetPaths
 from pipeline.core.pool_stage import load_pool_stage
 from pipeline.core.precision import resolve_device
 from pipeline.core.variants import stage_name
-from pipeline.data.tokenization import read_window_documents, read_windows
+from pipeline.data.tokenization import window_documents
 from pipeline.generation.algorithm import GenerationWork, generate_for_prompt, side_by_side, write_analyses
 from pipeline.generation.resample import write_generations
 from pipeline.models.energy import input_markers
@@ -57,9 +55,7 @@ def run(
 
     table = work.generations(gold_lp, gold_energies, drawn, paths.tokenizer)
     write_generations(paths.generations_file, table)
-    window_ids, _ = read_windows(paths.windows_split("test"))
-    document_of = dict(zip(window_ids.tolist(), read_window_documents(paths.windows_split("test"))))
-    documents = np.asarray([document_of[w] for w in table.column("window_id").to_pylist()], dtype=object)
+    documents = window_documents(paths.windows_split("test"), table.column("window_id").to_numpy())
     metrics = write_analyses(paths, table, cfg, dataset, documents, seed)
     metrics["energy_input_markers"] = input_markers(energy_dir, paths.tokenizer)
     work.wall["stage"] = time.perf_counter() - started

@@ -179,11 +179,14 @@ def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return table.column("window_id").to_numpy().astype(np.int64), ids
 
 
-def read_window_documents(path: Path) -> np.ndarray:
-    """The doc_id of every window of one split [N] (str), in file order (schema-checked)."""
+def window_documents(path: Path, window_ids: np.ndarray) -> np.ndarray:
+    """The doc_id [len(window_ids)] (str) of each of `window_ids` in one split, read from the
+    window_id and doc_id columns only (schema-checked)."""
     from pipeline.core.io import read_table
 
-    return np.asarray(read_table(path, WINDOWS_SCHEMA, columns=["doc_id"]).column("doc_id").to_pylist(), dtype=object)
+    table = read_table(path, WINDOWS_SCHEMA, columns=["window_id", "doc_id"])
+    document_of = dict(zip(table.column("window_id").to_pylist(), table.column("doc_id").to_pylist()))
+    return np.asarray([document_of[int(w)] for w in window_ids], dtype=object)
 
 
 def read_window_ids(path: Path) -> np.ndarray:

@@ -35,8 +35,6 @@ import numpy as np
 
 # PSIS fits the largest min(S / 5, 3 √S) weights and needs 5 of them: S ≥ 25. Below, k̂ = inf.
 MIN_TAIL_SAMPLES = 25
-RULE = ("PSIS Pareto k̂ of the pooled weights exp(−E) (each prefix's divided by their mean) below "
-        "min(1 − 1/log10(N·S), 0.7), and the mean of the N prefixes' own k̂ below min(1 − 1/log10 S, 0.7)")
 
 
 def khat_threshold(samples: int) -> float:

@@ -43,6 +43,11 @@ def document_sums(values: np.ndarray, documents: np.ndarray | None) -> tuple[np.
     return np.bincount(groups, values, G), np.bincount(groups, None, G).astype(np.float64)
 
 
+def document_count(documents: np.ndarray | None, windows: int) -> int:
+    """How many resampling units: distinct documents, or every window when `documents` is None."""
+    return windows if documents is None else len(np.unique(np.asarray(documents)))
+
+
 def ratio_mean_and_se(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean per window Σ D_g / Σ n_g and its cluster-robust standard error, over the last axis
     (a resample per row): se² = G / (G − 1) · Σ_g (D_g − mean · n_g)² / (Σ n_g)²."""
@@ -104,8 +109,8 @@ def paired_ratio_interval(nll: np.ndarray, rival_nll: np.ndarray, documents: np.
         return None
     mean, low, high = result
     L = tokens_per_window
-    G = len(document_sums(diff, documents)[0])
-    return PairedInterval(math.exp(mean / L), math.exp(low / L), math.exp(high / L), level, G, len(diff))
+    return PairedInterval(math.exp(mean / L), math.exp(low / L), math.exp(high / L), level,
+                          document_count(documents, len(diff)), len(diff))
 
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"

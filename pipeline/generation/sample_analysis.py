@@ -225,11 +225,8 @@ def sample_metrics(table: Any, ns: Sequence[int] = (1, 2, 3, 4), repetition_n: i
 
 def per_sequence_unique_pct(token_sequences: Iterable[Sequence[Any]], n: int) -> np.ndarray:
     """100 · |distinct n-grams| / |n-grams| of each sequence (nan where it has none)."""
-    out = []
-    for seq in _as_lists(token_sequences):
-        grams = _ngrams(seq, n)
-        out.append(100.0 * len(set(grams)) / len(grams) if grams else math.nan)
-    return np.asarray(out, dtype=np.float64)
+    return np.asarray([unique_ngram_percentage([seq], n) if len(seq) >= n else math.nan
+                       for seq in _as_lists(token_sequences)], dtype=np.float64)
 
 
 def paired_sample_checks(table: Any, documents: np.ndarray, level: float, resamples: int, seed: int,
@@ -245,7 +242,7 @@ def paired_sample_checks(table: Any, documents: np.ndarray, level: float, resamp
       Figure 3's sense, |mean gap| smaller. Decided only when both mean gaps share the sign.
     """
     from pipeline.core.seeds import bootstrap_seed
-    from pipeline.estimation.intervals import studentized_mean_interval
+    from pipeline.estimation.intervals import document_count, studentized_mean_interval
 
     def interval(values: np.ndarray, name: str) -> dict[str, Any]:
         keep = np.isfinite(values)
@@ -266,6 +263,6 @@ def paired_sample_checks(table: Any, documents: np.ndarray, level: float, resamp
     closer = interval(sign * (g_joint - g_base), "closer")
     closer["same_sign"] = bool(np.sign(g_joint.mean()) == np.sign(g_base.mean()))
     closer["mean_gap"] = {"base": round(float(abs(g_base.mean())), 4), "joint": round(float(abs(g_joint.mean())), 4)}
-    return {"level": level, "resamples": resamples, "documents": int(len(np.unique(documents))),
+    return {"level": level, "resamples": resamples, "documents": document_count(documents, len(documents)),
             "unique_ngrams": unique, "closer_to_real": closer}
 

@@ -115,7 +115,7 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
     if "bf16" in report["train"]:
         report["bf16_speedup"] = round(report["train"]["fp32"]["step_seconds"] / report["train"]["bf16"]["step_seconds"],
                                        3)
-    else:
+    elif precision == "auto":
         report["bf16_skipped"] = "bf16 is emulated on this device (pipeline_precision fp32); --precision fp32,bf16 times it"
     return report
 
