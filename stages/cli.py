@@ -311,6 +311,41 @@ def bench_statistics(
     typer.echo(json.dumps(report, indent=2) if as_json else study.format_report(report))
 
 
+# --------------------------------------------------------------------------- seeds
+seeds_app = typer.Typer(
+    help="Run-to-run spread of Table 1: the pipeline rerun under k seeds as DVC experiments.",
+    no_args_is_help=True,
+)
+app.add_typer(seeds_app, name="seeds")
+PresetOption = Annotated[Path, typer.Option("--preset", help="seeds preset: seeds and the stages each run reproduces")]
+
+
+@seeds_app.command("run")
+@_user_errors
+def seeds_run(preset: PresetOption = Path("params/seeds.yaml")) -> None:
+    """`dvc exp run --temp -S seed=<s> <targets>` for every seed of the preset not yet kept as an
+    experiment of this commit (the seed of params.yaml is the workspace's run). Each run is a whole
+    default run up to evaluate: about 30 minutes on a 2-core AMX Xeon."""
+    from pipeline.tools import seeds
+
+    ran = seeds.run_seeds(seeds.load_preset(preset))
+    typer.echo(f"ran seeds {ran}; now `rebm seeds collect`")
+
+
+@seeds_app.command("collect")
+@_user_errors
+def seeds_collect(
+    preset: PresetOption = Path("params/seeds.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """Read each seed's Table 1 and write results/seed_spread.json (the report shows it beside each row)."""
+    from pipeline.core.precision import machine_description
+    from pipeline.tools import seeds
+
+    result = seeds.collect(seeds.load_preset(preset), machine=machine_description())
+    typer.echo(json.dumps(result, indent=2) if as_json else seeds.format_spread(result))
+
+
 # --------------------------------------------------------------------------- humaneval
 humaneval_app = typer.Typer(
     help="Human evaluation (paper Table 2, Appendix A.4): export an A/B sheet, score the votes.",

@@ -232,9 +232,9 @@ def assert_close(a, b, rel: float, path: str = "") -> None:
 
 
 def test_samples_stream_in_chunks_each_checkpointed(project: Path, result: dict, tmp_path: Path, monkeypatch) -> None:
-    """stream_samples 3 (n = 8, Figure 1's s = 6): log Z chunks 0-3, 3-6, 6-8 and two Figure 1 chunks, each a
-    checkpoint part; a run killed after two chunks draws only the other three, and the metrics are those of
-    one chunk (only energy batches of other sizes differ, in float32's last bits)."""
+    """stream_samples 3 (n = 8, Figure 1's s = 6): log Z chunks 0-3, 3-6, 6-8 and two Figure 1 chunks (drawn
+    with the first log Z chunk), each a checkpoint part; a run killed after the second log Z chunk draws only
+    the third, and the metrics are those of one chunk (only energy batches of other sizes differ, in float32's last bits)."""
     import shutil
 
     from pipeline.core.io import ArrayCheckpoint
@@ -256,20 +256,21 @@ def test_samples_stream_in_chunks_each_checkpointed(project: Path, result: dict,
     with pytest.raises(Crash):
         evaluate(root, evaluate__stream_samples=3)
     checkpoint = root / "results/toy/.evaluation.tmp-checkpoint"
-    assert sorted(p.name for p in checkpoint.glob("*_samples_*")) == ["log_z_samples_0-3.npz", "log_z_samples_3-6.npz"]
+    assert sorted(p.name for p in checkpoint.glob("*_samples_*")) == [
+        "log_z_samples_0-3.npz", "log_z_samples_3-6.npz", "position_samples_0-3.npz", "position_samples_3-6.npz"]
     with np.load(checkpoint / "log_z_samples_3-6.npz") as part:  # energies only, one array per energy
         assert sorted(part.files) == ["__key__", "bit", "unit"] and part["bit"].shape == (N_TEST, 3)
 
     drawn: list[str] = []
 
-    def count(self, model_dir, energy_dirs, chunks):
+    def count(self, pool, chunks):
         drawn.extend(chunk.name for chunk in chunks)
-        return real_sample(self, model_dir, energy_dirs, chunks)
+        return real_sample(self, pool, chunks)
 
     monkeypatch.setattr(ArrayCheckpoint, "save", real_save)
     monkeypatch.setattr(EvaluationWork, "_sample", count)
     resumed = evaluate(root, evaluate__stream_samples=3)
-    assert drawn == ["log_z_samples_6-8", "position_samples_0-3", "position_samples_3-6"]
+    assert drawn == ["log_z_samples_6-8"]  # Figure 1's chunks were drawn with the first log Z chunk
     assert not checkpoint.exists()
     # 5e-5: the paired intervals of the BIT rows (|E| ~ 60) turn float32's last bits into ~1e-5 of exp(·).
     assert_close(without_wall(resumed), without_wall(result), rel=5e-5)
@@ -289,6 +290,7 @@ def streamed_peak(root: Path, scratch: Path, n: int) -> tuple[int, dict]:
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"].update(n_eval={"unit": n, "bit": n}, stream_samples=256, batch_size=64)
+    params["evaluate"]["convergence"]["stop_khat"] = None  # the toy's heavy tails would stop the draw at 1024
     path = scratch / f"params-{n}.yaml"
     path.write_text(yaml.safe_dump(params))
     cfg, neg = load_section(EvaluateConfig, "evaluate", path), load_section(NegativesConfig, "negatives", path)
@@ -390,3 +392,44 @@ def test_config_rejects_an_exact_subset_larger_than_the_windows(project: Path) -
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(RebmError, match="exact_last_windows"):
         stage.run("toy", path, root=project, progress=False)
+
+
+def test_a_futile_draw_stops_at_a_look_and_resumes_there(project: Path, tmp_path: Path, monkeypatch) -> None:
+    """n_eval is a cap: at the look n = 64 BIT's weights stop its draw; UNIT's constant weights
+    (k̂ = −inf) draw on to 256. Later chunks score UNIT only; the verdict says why it stopped, and a
+    resumed run stops at the same place without drawing anything. The toy's weights are not heavy
+    enough for a real stop, so every finite k̂ is read as 5 (`rebm bench statistics` checks the fit)."""
+    import shutil
+
+    from pipeline.estimation import diagnostics
+    from pipeline.estimation.evaluation_work import EvaluationWork
+
+    real_khat = diagnostics.pareto_khat
+    monkeypatch.setattr(diagnostics, "pareto_khat", lambda lw: np.where(np.isfinite(k := real_khat(lw)), 5.0, k))
+
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    settings = {"evaluate__n_eval": {"unit": 256, "bit": 256}, "evaluate__stream_samples": 64,
+                "evaluate__convergence__stop_khat": 0.71, "evaluate__convergence__stop_after": 64,
+                "evaluate__positions__energies": []}
+    real_sample, drawn = EvaluationWork._sample, []
+
+    def spy(self, pool, chunks):
+        drawn.extend((chunk.name, sorted(chunk.counts)) for chunk in chunks)
+        checkpoint = root / "results/toy/.evaluation.tmp-checkpoint"
+        real_sample(self, pool, chunks)
+        shutil.copytree(checkpoint, tmp_path / "kept", dirs_exist_ok=True)  # what a kill would leave
+
+    monkeypatch.setattr(EvaluationWork, "_sample", spy)
+    first = evaluate(root, **settings)
+    bit, unit = first["joint"]["bit"], first["joint"]["unit"]
+    assert (bit["n_eval"], bit["n_eval_cap"], unit["n_eval"], unit["stopped"]) == (64, 256, 256, None)
+    assert bit["stopped"].startswith("stopped at n = 64: mean per-prefix PSIS k̂") and not bit["convergence"]["converged"]
+    assert bit["convergence"]["reason"].startswith(bit["stopped"])
+    assert drawn == [("log_z_samples_0-64", ["bit", "unit"])] + [
+        (f"log_z_samples_{k}-{k + 64}", ["unit"]) for k in (64, 128, 192)]
+
+    drawn.clear()
+    shutil.copytree(tmp_path / "kept", root / "results/toy/.evaluation.tmp-checkpoint")
+    resumed = evaluate(root, **settings)
+    assert drawn == [] and without_wall(resumed) == without_wall(first)

@@ -103,6 +103,10 @@ def test_the_log_z_rule_rarely_calls_an_unconverged_estimate_converged(scenario:
     assert study.false_convergence <= 0.05
     if scenario in ("light", "pareto3"):  # and it does converge where the estimate is good
         assert study.converged >= 0.95
+    if scenario in ("light", "pareto3", "pareto1.5"):  # k ≤ 0.67: a reliable estimate exists; never stopped
+        assert study.stopped == 0
+    if scenario == "pareto1.1" and samples == 4096:  # k = 0.91: 10^11 draws needed; the stop saves the rest
+        assert study.stopped >= 0.5
 
 
 def test_the_old_single_doubling_rule_fails_this_study() -> None:

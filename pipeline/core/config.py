@@ -442,6 +442,11 @@ class ConvergenceConfig(Section):
 
     epsilon: float = Field(default=0.2, gt=0)  # nats of mean log Z; exp(ε / (T − p)) in per-token perplexity
     min_samples: int = Field(default=256, ge=2)
+    # Stop drawing an energy's samples at a look (n = stop_after, 2·stop_after, …) where the mean
+    # per-prefix PSIS k̂ is at least stop_khat: no affordable n makes such an estimate reliable
+    # (pipeline/estimation/diagnostics.py, `futile_draw`). null: always draw n_eval.
+    stop_khat: float | None = Field(default=0.8, gt=0.7)
+    stop_after: int = Field(default=1024, ge=64)
 
 
 class BootstrapConfig(Section):

@@ -124,3 +124,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def machine_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """What a run's numbers depend on besides its seed: the CPU model, its cores, and the precision
+    `auto` resolves to there (bf16 on AMX / AVX512-BF16, fp32 on AVX2-only CPUs)."""
+    import os
+
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name":
+                model = value.strip()
+                break
+    device = resolve_device("auto")
+    return {"cpu": model, "cores": os.cpu_count(), "device": str(device),
+            "precision_auto": resolve_precision("auto", device)}

@@ -143,3 +143,35 @@ def importance_diagnostics(log_weights: np.ndarray) -> ImportanceDiagnostics:
         pooled_khat=float(pareto_khat(pooled)),
         pooled_ess_fraction=float(effective_sample_size(pooled)) / (N * S),
     )
+
+
+def futile_draw(log_weights: np.ndarray, stop_khat: float | None) -> str | None:
+    """Why drawing more samples for these log weights [N, S] buys no reliable estimate, or None.
+
+    Futile when the MEAN per-prefix k̂ is at least `stop_khat` (default 0.8). A reliable estimate
+    at tail shape k needs about 10^(1 / (1 − k)) draws (Vehtari et al. 2024, §3): 10^5 at k = 0.8,
+    25 times the default's cap of 4096; at k ≥ 1 the weights have no finite mean at all. The mean
+    of 8 prefixes' k̂ from S ≥ 1024 draws (≥ 96 tail points each) is precise to a few hundredths,
+    so the margin above the verdict's 0.7 keeps the stop away from tails that allow an estimate:
+    in `rebm bench statistics` it never stopped Pareto(1.5) weights (k = 0.67, converged 73 % of
+    runs with and without the stop) and stopped 96 % of Pareto(1.1) runs (k = 0.91). Stopping
+    never turns a verdict into "converged" (k̂ ≥ 0.8 fails the reliability test at any S); it only
+    saves the draws that could not have changed it.
+    """
+    if stop_khat is None:
+        return None
+    khat = pareto_khat(np.atleast_2d(np.asarray(log_weights, dtype=np.float64)))
+    mean = float(np.mean(khat))
+    if mean < stop_khat:
+        return None
+    return (f"stopped at n = {np.shape(log_weights)[-1]}: mean per-prefix PSIS k̂ {mean:.2f} ≥ {stop_khat} "
+            f"(a reliable estimate would need ≥ 10^{1 / (1 - min(stop_khat, 0.99)):.0f} draws)")
+
+
+def look_points(stop_after: int, cap: int) -> list[int]:
+    """Where the futility rule looks: stop_after, 2·stop_after, … below the cap n_eval."""
+    points, n = [], stop_after
+    while n < cap:
+        points.append(n)
+        n *= 2
+    return points

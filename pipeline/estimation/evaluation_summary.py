@@ -27,6 +27,7 @@ from pipeline.core.seeds import bootstrap_seed
 from pipeline.core.variants import DISPLAY_NAMES
 from pipeline.estimation.bounds import log_partition_bounds
 from pipeline.estimation.convergence import RULE, convergence_verdict, doubling_counts
+from pipeline.estimation.diagnostics import futile_draw
 from pipeline.estimation.evaluation import (
     JointRange,
     exact_last_logprob,
@@ -112,8 +113,8 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
         ppl = float(np.exp(-logprobs.sum() / tokens))
         metrics_lm[variant] = {"ppl": round(ppl, 3), "parameters": x.parameters[variant]}
     for variant, e in x.energies.items():
-        n = cfg.n_eval[variant]
-        log_weights = -e["samples"][:, :n]
+        n = e["samples"].shape[1]  # n_eval, or fewer where the draw stopped as futile
+        log_weights = -e["samples"]
         # Per-prefix T_k, U_k once for every k of Figure 2 (left); Table 1 is its last point, k = n.
         nll = {}
         for k in doubling_counts(n):
@@ -125,8 +126,11 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
         joint = JointRange(*perplexity_range(nll_low, nll_high, tokens))
         verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)
         self_normalised = self_normalised_perplexity(base_seq, e["real"], tokens)
+        stopped = futile_draw(log_weights, cfg.convergence.stop_khat) if n < cfg.n_eval[variant] else None
         metrics_joint[variant] = {
             "n_eval": n,
+            "n_eval_cap": cfg.n_eval[variant],
+            "stopped": stopped,
             "ppl_low": round(joint.low, 3),
             "ppl_high": round(joint.high, 3),
             "vs_base_pct_low": vs_base(joint.low),
@@ -136,12 +140,12 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
             "vs_base_pct_self_normalised": vs_base(self_normalised),
             # The T_n end against BASE LM is no pair of `paired` (a row enters it at its U_n end).
             "ratio_to_base_ci_low": ratio_ci(nll_low, f"{variant}/low"),
-            "convergence": verdict.as_dict(),
+            "convergence": verdict.as_dict() | ({"reason": f"{stopped}; {verdict.reason}"} if stopped else {}),
             "verdict": verdict.label,
             "parameters": x.parameters["base"] + x.parameters[variant],
             "energy_parameters": x.parameters[variant],
             "mean_energy_real": round(float(e["real"].mean()), 4),
-            "mean_energy_lm_samples": round(float(e["samples"][:, :n].mean()), 4),
+            "mean_energy_lm_samples": round(float(e["samples"].mean()), 4),
         }
         curves[variant] = {k: (JointRange(*perplexity_range(low, high, tokens)), t, u)
                            for k, (low, high, t, u) in nll.items()}
@@ -276,6 +280,12 @@ def positions_converged(position_energies: np.ndarray, rule) -> np.ndarray:
     return column_ok & np.append(column_ok[1:], True)
 
 
+def _drawn(joint: dict | None, cap: int) -> str:
+    """n as drawn: "1024 of 4096 (stopped: k̂ ≥ 1)" where the futility rule stopped the draw."""
+    n = cap if joint is None else joint["n_eval"]
+    return str(n) if n == cap else f"{n} of {cap} (draw stopped: mean k̂ ≥ stop_khat)"
+
+
 def table1_markdown(metrics: dict) -> str:
     """Table 1 for one dataset: exact LM perplexity; joint ranges with their convergence verdict,
     the self-normalised reference point and the bootstrap interval of the ratio to BASE LM."""
@@ -309,7 +319,7 @@ def table1_markdown(metrics: dict) -> str:
             f"| {row['self_normalised_ppl']:.2f} ({row['vs_base_pct_self_normalised']:+.2f}%) "
             f"| {ci} |"
         )
-    n = ", ".join(f"{DISPLAY_NAMES[v]} {k}" for v, k in metrics["n_eval"].items())
+    n = ", ".join(f"{DISPLAY_NAMES[v]} {_drawn(metrics['joint'].get(v), k)}" for v, k in metrics["n_eval"].items())
     lines += [
         "",
         f"Joint ranges: log Z of each prefix from n BASE LM samples (full distribution; n: {n}), lower end with "

@@ -34,6 +34,7 @@ from pipeline.core.config import EvaluateConfig, NegativesConfig
 from pipeline.core.io import ArrayCheckpoint, fingerprint
 from pipeline.core.precision import pool_device, resolve_dtype
 from pipeline.core.seeds import position_seed
+from pipeline.estimation.diagnostics import futile_draw, look_points
 from pipeline.estimation.evaluation import completed_windows, last_position_candidates
 from pipeline.sampling.negatives import SampleJob, model_digest
 
@@ -85,6 +86,42 @@ class _Chunk:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {v: self.out[v][..., self.k0 : self.k0 + c] for v, c in self.counts.items()}
+
+
+class _LazyPool:
+    """The SampleEnergyWorker pool, opened on the first chunk that must be drawn (a run resumed from
+    a complete checkpoint opens none) and shut down once at the end."""
+
+    def __init__(self, work: EvaluationWork, model_dir: Path, energy_dirs: dict[str, Path]):
+        self.work, self.model_dir, self.energy_dirs = work, model_dir, energy_dirs
+        self.pool = None
+        self.saved_threads = torch.get_num_threads()
+
+    def get(self):
+        from pipeline.sampling.actor_pool import make_pool, ship
+
+        if self.pool is None:
+            w = self.work
+            local = w.pool["num_workers"] == 0
+            self.pool = make_pool(
+                SampleEnergyWorker,
+                (ship(self.model_dir, local), {v: ship(d, local) for v, d in self.energy_dirs.items()},
+                 ship(w.tokenizer_dir, local, require_config=False),
+                 torch.get_num_threads() if local else w.pool["cpus_per_worker"], w.neg.batch_samples,
+                 w.sample_dtype, w.cfg.precision, w.cfg.batch_size, w.pool["device"]),
+                w.pool["num_workers"], w.pool["cpus_per_worker"], name="evaluate: LM samples and energies",
+                gpus_per_worker=w.pool["gpus_per_worker"])
+        return self.pool
+
+    def __enter__(self) -> _LazyPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.pool is not None:
+                self.pool.shutdown()
+        finally:
+            torch.set_num_threads(self.saved_threads)
 
 
 class EvaluationWork:
@@ -151,12 +188,15 @@ class EvaluationWork:
     # -- LM samples, streamed into their energies ----------------------------------------------
     def sample_energies(self, model_dir: Path, energy_dirs: dict[str, Path], seed: int,
                         position_rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        """Energies of the LM samples, per energy: "samples" [N, n_eval[e]], of the log Z samples of
-        every test prefix (seeded by `seed`), and, for a Figure 1 energy, "positions" [W, L, s], of
-        the completions of x_<start for start = p … T−1 on `position_rows` (Eq. 5's x').
+        """Energies of the LM samples, per energy: "samples" [N, n], of the log Z samples of every
+        test prefix (seeded by `seed`), and, for a Figure 1 energy, "positions" [W, L, s], of the
+        completions of x_<start for start = p … T−1 on `position_rows` (Eq. 5's x').
 
-        Streamed in chunks of `stream_samples` per prefix (module docstring); finished chunks are
-        loaded from the checkpoint and only the missing ones are drawn.
+        n is n_eval[e], or less where the draw stopped at a look (`evaluate.convergence.stop_khat`:
+        the weights' tail showed that no affordable n gives a reliable log Z). Streamed in chunks
+        of `stream_samples` per prefix, cut at the looks too (module docstring); finished chunks
+        are loaded from the checkpoint and only the missing ones are drawn, so a resumed run
+        stops where the first one did.
         """
         started = time.perf_counter()
         cfg, (N, T), p = self.cfg, self.windows.shape, self.p
@@ -174,29 +214,54 @@ class EvaluationWork:
             return SampleJob(index, *prefixes[row, start], n, T - start, job_seed, k0)
 
         out = {v: {"samples": np.empty((N, cfg.n_eval[v]))} for v in energy_dirs}
-        chunks = []
-        n_max = max((cfg.n_eval[v] for v in energy_dirs), default=0)
-        for k0 in range(0, n_max, step):
-            k1 = min(k0 + step, n_max)
-            counts = {v: min(k1, cfg.n_eval[v]) - k0 for v in energy_dirs if cfg.n_eval[v] > k0}
-            key = fingerprint(self.data_key, lm_key, seed, k0, k1, settings,
-                              [[v, energy_keys[v], c] for v, c in counts.items()])
-            chunks.append(_Chunk(f"log_z_samples_{k0}-{k1}", key, k0,
-                                 [job((j,), j, p, k1 - k0, seed, k0) for j in range(N)],
-                                 counts, {v: out[v]["samples"] for v in counts}))
         figure1 = [v for v in cfg.positions.energies if v in energy_dirs] if len(position_rows) else []
         s = cfg.positions.samples
         for v in figure1:
             out[v]["positions"] = np.empty((len(position_rows), T - p, s))
+        position_chunks = []
         for k0 in range(0, s if figure1 else 0, step):
             k1 = min(k0 + step, s)
             key = fingerprint(self.data_key, lm_key, position_rows, k0, k1, settings,
                               [[v, energy_keys[v]] for v in figure1])
             jobs = [job((j, i), row, start, k1 - k0, position_seed(self.seed, start), k0)
                     for i, start in enumerate(range(p, T)) for j, row in enumerate(position_rows)]
-            chunks.append(_Chunk(f"position_samples_{k0}-{k1}", key, k0, jobs, dict.fromkeys(figure1, k1 - k0),
-                                 {v: out[v]["positions"] for v in figure1}))
+            position_chunks.append(_Chunk(f"position_samples_{k0}-{k1}", key, k0, jobs,
+                                          dict.fromkeys(figure1, k1 - k0), {v: out[v]["positions"] for v in figure1}))
 
+        # n_eval is a cap: at each look an energy whose draw is futile (diagnostics.futile_draw)
+        # stops, and later chunks draw only for the energies still active.
+        stop = cfg.convergence
+        looks = {v: set(look_points(stop.stop_after, cfg.n_eval[v])) if stop.stop_khat is not None else set()
+                 for v in energy_dirs}
+        n_max = max((cfg.n_eval[v] for v in energy_dirs), default=0)
+        cuts = sorted({*range(0, n_max, step), *set().union(*looks.values()), n_max}) if n_max else [0]
+        drawn = dict.fromkeys(energy_dirs, 0)
+        active = set(energy_dirs)
+        with _LazyPool(self, model_dir, energy_dirs) as pool:
+            pending = position_chunks  # Figure 1's chunks ride along with the first log Z chunk
+            for k0, k1 in zip(cuts[:-1], cuts[1:], strict=False):
+                counts = {v: min(k1, cfg.n_eval[v]) - k0 for v in energy_dirs if v in active and cfg.n_eval[v] > k0}
+                if not counts:
+                    break
+                key = fingerprint(self.data_key, lm_key, seed, k0, k1, settings,
+                                  [[v, energy_keys[v], c] for v, c in counts.items()])
+                chunk = _Chunk(f"log_z_samples_{k0}-{k1}", key, k0,
+                               [job((j,), j, p, k1 - k0, seed, k0) for j in range(N)],
+                               counts, {v: out[v]["samples"] for v in counts})
+                self._load_or_draw([chunk, *pending], pool)
+                pending = []
+                for v, c in counts.items():
+                    drawn[v] = k0 + c
+                    if drawn[v] in looks[v] and futile_draw(-out[v]["samples"][:, : drawn[v]], stop.stop_khat):
+                        active.discard(v)
+            self._load_or_draw(pending, pool)
+        for v in energy_dirs:
+            out[v]["samples"] = out[v]["samples"][:, : drawn[v]]
+        self.wall["sample_energies"] = time.perf_counter() - started
+        return out
+
+    def _load_or_draw(self, chunks: list[_Chunk], pool: _LazyPool) -> None:
+        """Fill each chunk's arrays from the checkpoint, or draw and score the missing ones."""
         missing = []
         for chunk in chunks:
             self.part_keys[chunk.name] = chunk.key
@@ -207,22 +272,18 @@ class EvaluationWork:
             for v, a in arrays.items():
                 chunk.out[v][..., chunk.k0 : chunk.k0 + a.shape[-1]] = a
         if missing:
-            self._sample(model_dir, energy_dirs, missing)
-        self.wall["sample_energies"] = time.perf_counter() - started
-        return out
+            self._sample(pool.get(), missing)
 
-    def _sample(self, model_dir: Path, energy_dirs: dict[str, Path], chunks: list[_Chunk]) -> None:
-        """Draw and score every job of `chunks` on one pool of SampleEnergyWorkers (opened here, once,
-        and fed chunk after chunk); each chunk is saved to the checkpoint as its last job lands.
+    def _sample(self, pool, chunks: list[_Chunk]) -> None:
+        """Draw and score every job of `chunks` on the pool of SampleEnergyWorkers; each chunk is
+        saved to the checkpoint as its last job lands.
 
         One job per (prefix, chunk), so actors share the work of a few windows; each sample's
         randomness is a hash of (seed, window_id, sample index, step), so the grouping does not
         change the draws.
         """
-        from pipeline.sampling.actor_pool import PoolStats, Task, make_pool, ship
+        from pipeline.sampling.actor_pool import PoolStats, Task
 
-        local = self.pool["num_workers"] == 0
-        saved_threads = torch.get_num_threads()
         tasks = [Task((c, *job.key), "sample_energies", (job.window_ids, job.prefixes, job.n, job.new_tokens,
                                                           job.seed, job.first_sample, chunk.counts), (chunk, job))
                  for c, chunk in enumerate(chunks) for job in chunk.jobs]
@@ -240,21 +301,9 @@ class EvaluationWork:
                 self.checkpoint.save(chunk.name, chunk.key, **chunk.arrays())
 
         try:
-            pool = make_pool(
-                SampleEnergyWorker,
-                (ship(model_dir, local), {v: ship(d, local) for v, d in energy_dirs.items()},
-                 ship(self.tokenizer_dir, local, require_config=False),
-                 torch.get_num_threads() if local else self.pool["cpus_per_worker"], self.neg.batch_samples,
-                 self.sample_dtype, self.cfg.precision, self.cfg.batch_size, self.pool["device"]),
-                self.pool["num_workers"], self.pool["cpus_per_worker"], name="evaluate: LM samples and energies",
-                gpus_per_worker=self.pool["gpus_per_worker"])
-            try:
-                pool.run(tasks, done, PoolStats())
-            finally:
-                pool.shutdown()
+            pool.run(tasks, done, PoolStats())
         finally:
             bar.close()
-            torch.set_num_threads(saved_threads)
 
     # -- energies ----------------------------------------------------------------------------
     def energies(self, variant: str, energy_dir: Path, streamed: dict[str, np.ndarray], exact_rows: np.ndarray,

@@ -69,6 +69,7 @@ from pipeline.reporting.claims import (
     not_converged_why,
     verdict_label,
 )
+from pipeline.reporting.spread import load_spread, spread_section
 
 SOURCE_COLOURS = {"real": "tab:red", "base": "black", "joint": "tab:green"}  # as in the paper's Figure 3
 SOURCE_NAMES = {"real": "real text", "base": "BASE LM samples", "joint": "joint-model samples"}
@@ -136,6 +137,7 @@ class ReportInputs:
     stage_times: list[StageTime]
     human_eval: HumanEval
     provenance: Provenance
+    seed_spread: dict | None = None  # results/seed_spread.json (`rebm seeds collect`), if measured
 
 
 @dataclass(frozen=True)
@@ -378,6 +380,7 @@ def collect(params: Path, root: Path = Path(".")) -> ReportInputs:
         stage_times=collect_stage_times(keys, root),
         human_eval=collect_human_eval(root),
         provenance=collect_provenance(params, root),
+        seed_spread=load_spread(root),
     )
 
 
@@ -615,7 +618,9 @@ def _n_eval(evaluation: dict, energy: str) -> Any:
     """LM samples per prefix behind an energy's log Z (older metrics: one n for every energy)."""
     joint = evaluation.get("joint", {}).get(energy, {})
     n = joint.get("n_eval", evaluation.get("n_eval", "?"))
-    return n.get(energy, "?") if isinstance(n, dict) else n
+    n = n.get(energy, "?") if isinstance(n, dict) else n
+    stopped = joint.get("stopped")  # evaluate.convergence.stop_khat ended the draw before n_eval
+    return f"{n} of {joint.get('n_eval_cap', '?')}, the draw {stopped.removeprefix('stopped ')}" if stopped else n
 
 
 def _joint_gain(j: dict) -> str:
@@ -941,7 +946,8 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
     human = inputs.human_eval
     text = render_template(
         "report.md.j2", title=TITLE, datasets=ds,
-        headline=_headline(ds), table1=_table1(ds), reference=_reference(ds), last_position=_last_position(ds), claims=_claims(ds),
+        headline=_headline(ds), table1=_table1(ds), reference=_reference(ds),
+        spread=spread_section(inputs.seed_spread, inputs.provenance.git_revision), last_position=_last_position(ds), claims=_claims(ds),
         figure1=[_figure1(d, figures) for d in ds], figure2=(later := [_figures(d) for d in ds]), figure3=later,
         sample_stats=_sample_stats(ds), before_after=_before_after(ds),
         human=human, human_table=None if human.markdown is None else human.markdown.rstrip("\n"),

