@@ -27,7 +27,7 @@ from pipeline.core.precision import resolve_device
 from pipeline.core.variants import check_variant
 from pipeline.models.lm import count_parameters, load_tokenizer
 from pipeline.training.distributed import cluster_for, training_device
-from pipeline.training.ebm_data import load_nce_data
+from pipeline.training.ebm_data import load_nce_data, remove_stale_stores
 from pipeline.training.nce import energy_body_source, energy_run_metrics, energy_scorer, train_energy, validate
 from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
@@ -44,9 +44,12 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     prefix_len = load_section(TokenizeConfig, "tokenize", params).prefix_len
     seed, device = load_seed(params), resolve_device(load_device(params))
 
-    train_data = load_nce_data(paths.windows_split("train"), paths.negatives_split("train"), prefix_len)
+    scratch, store = paths.energy_checkpoint(variant).parent, f"{variant}-nce"  # beside the checkpoints
+    remove_stale_stores(scratch, store)
+    train_data = load_nce_data(paths.windows_split("train"), paths.negatives_split("train"), prefix_len,
+                               scratch=scratch, name=store)
     valid_data = load_nce_data(paths.windows_split("valid"), paths.negatives_split("valid"), prefix_len,
-                               limit=cfg.eval_windows)
+                               limit=cfg.eval_windows, scratch=scratch, name=store)
     lm_tokenizer = load_tokenizer(paths.tokenizer, f"train_ebm.{variant}")
     source = energy_body_source(variant, cfg.init, paths)
     body_tokenizer = load_tokenizer(source, f"train_ebm.{variant}")
@@ -63,7 +66,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
             seed=seed, checkpoint_dir=paths.energy_checkpoint(variant), device=train_device,
             fingerprint=fingerprint(
                 cfg.model_dump(mode="json"), seed, prefix_len, source,
-                file_digest(Path(source) / "config.json"), train_data.windows, train_data.negatives,
+                file_digest(Path(source) / "config.json"), train_data.digest(),
             ),
             desc=f"{dataset}/{variant}",
         )

@@ -30,7 +30,7 @@ from pipeline.data.tokenization import train_bpe_tokenizer, write_windows
 from pipeline.estimation.perplexity import continuation_nll
 from pipeline.models.energy import EnergyModel, EnergyScorer
 from pipeline.models.lm import build_gpt2
-from pipeline.training.ebm_data import NCEData
+from pipeline.training.ebm_data import NCEData, nce_data_from_arrays
 from pipeline.training.loop import ShuffledBatches, rank_micro_batches, slice_batch
 from pipeline.training.nce import train_energy
 from pipeline.training.trainer import train
@@ -222,12 +222,13 @@ def test_nce_energy_on_two_workers_matches_one(ray_cluster, tmp_path: Path) -> N
 
     def data(n: int) -> NCEData:
         windows = np.concatenate([rng.integers(0, 20, (n, P)), rng.integers(20, 40, (n, T - P))], 1)
-        return NCEData(np.arange(n), windows, rng.integers(40, V, (n, 3, T - P)), P)
+        return nce_data_from_arrays(np.arange(n), windows, rng.integers(40, V, (n, 3, T - P)), P, tmp_path / f"d{n}")
 
     train_data, valid_data = data(32), data(8)
     tokenizer = train_bpe_tokenizer((t for _, t in _texts(0, 40)), vocab_size=300, min_frequency=2)
-    results = {}
+    results, reads = {}, {}
     for workers in (1, 2):
+        train_data.read_log = reads[workers] = tmp_path / f"reads-{workers}.jsonl"
         torch.manual_seed(0)
         body = GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_positions=T, n_embd=32, n_layer=2, n_head=2,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -238,6 +239,15 @@ def test_nce_energy_on_two_workers_matches_one(ray_cluster, tmp_path: Path) -> N
         results[workers] = (scorer.model, result)
     assert_same_curve(results[1][1], results[2][1])
     assert_same_weights(results[1][0], results[2][0])
+    # Each replica read only its half of every global batch from the store: per epoch, the two
+    # workers' rows are disjoint and together the rows one process read (8 steps x 8 of 32 windows).
+    logs = {w: [json.loads(line) for line in reads[w].read_text().splitlines()] for w in (1, 2)}
+    assert len({r["pid"] for r in logs[2]}) == 2 and all(len(r["rows"]) == 4 for r in logs[2])
+    for epoch in (0, 1):
+        single = sorted(row for r in logs[1] if r["epoch"] == epoch for row in r["rows"])
+        by_worker = [{row for r in logs[2] if r["epoch"] == epoch and r["pid"] == pid for row in r["rows"]}
+                     for pid in {r["pid"] for r in logs[2]}]
+        assert not by_worker[0] & by_worker[1] and sorted(by_worker[0] | by_worker[1]) == single == list(range(32))
 
 
 # --------------------------------------------------------------------------- the stage, end to end

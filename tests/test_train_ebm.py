@@ -82,16 +82,108 @@ def invoke(root: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict:
 
 def test_negatives_come_from_the_same_prefix_and_are_drawn_uniformly(toy: Path) -> None:
     data = load_nce_data(toy / "data/toy/windows/train.parquet", toy / "data/toy/negatives/train", PREFIX)
-    assert data.negatives.shape == (64, N_NEG, SEQ - PREFIX)
+    assert (len(data), data.samples_per_prefix, data.seq_len) == (64, N_NEG, SEQ)
     rows = np.arange(64)
     batch = data.batch(rows, seed=1, epoch=0)
     assert torch.equal(batch["lm"][:, :PREFIX], batch["real"][:, :PREFIX])  # same prefix
     picks = data.draw_samples(rows, seed=1, epoch=0)
-    assert np.array_equal(batch["lm"][:, PREFIX:].numpy(), data.negatives[rows, picks])
+    assert np.array_equal(batch["lm"][:, PREFIX:].numpy(), data.negatives(rows, picks))
     assert np.array_equal(picks, data.draw_samples(rows[::-1], seed=1, epoch=0)[::-1])  # order-free
     # Uniform over the n samples: over many epochs every index is drawn about equally often.
     counts = np.bincount(np.concatenate([data.draw_samples(rows, 1, e) for e in range(200)]), minlength=N_NEG)
     assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
+
+
+def in_memory(windows_path: Path, negatives_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The split read whole, as before the store: (ids [N], windows [N, T], negatives [N, n, T − p])."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.tokenization import read_windows
+
+    ids, windows = read_windows(windows_path)
+    table = pq.read_table(negatives_dir)
+    row = {int(w): i for i, w in enumerate(ids)}
+    n = int(pc_max(table.column("sample_idx"))) + 1
+    negatives = np.empty((len(ids), n, windows.shape[1] - PREFIX), dtype=np.int64)
+    for w, k, tokens in zip(*(table.column(c).to_pylist() for c in ("window_id", "sample_idx", "token_ids")),
+                            strict=True):
+        negatives[row[w], k] = tokens
+    return ids, windows, negatives
+
+
+def pc_max(column) -> int:
+    import pyarrow.compute as pc
+
+    return pc.max(column).as_py()
+
+
+def test_the_store_gives_the_in_memory_batches_bit_for_bit(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamed through record batches of 5 rows (shards are many times that), the store's batches
+    are those of the split read whole: same windows, same drawn sample, same order."""
+    from pipeline.training import ebm_data
+    from pipeline.training.loop import epoch_permutation
+
+    monkeypatch.setattr(ebm_data, "READ_ROWS", 5)
+    paths = toy / "data/toy/windows/train.parquet", toy / "data/toy/negatives/train"
+    data = load_nce_data(*paths, PREFIX)
+    ids, windows, negatives = in_memory(*paths)
+    rows = epoch_permutation(len(ids), 7, 2)[:16]
+    picks = np.array([np.random.default_rng([7, 2, int(w)]).integers(N_NEG) for w in ids[rows]])
+    batch = data.batch(rows, seed=7, epoch=2)
+    assert batch["real"].dtype == torch.int64 and np.array_equal(batch["real"].numpy(), windows[rows])
+    lm = np.concatenate([windows[rows, :PREFIX], negatives[rows, picks]], axis=1)
+    assert np.array_equal(batch["lm"].numpy(), lm)
+    head = data.head(3)
+    assert len(head) == 3 and np.array_equal(head.windows(np.arange(3)), windows[:3])
+
+
+def test_building_the_store_holds_a_bounded_number_of_rows(toy: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 times the toy's negatives per window (its shard repeated under new sample indices, one shard
+    per copy) stream through record batches of READ_ROWS rows: the largest batch read is that,
+    and the traced peak does not grow with the negatives (only 8 bytes per window are kept)."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.training import ebm_data
+
+    monkeypatch.setattr(ebm_data, "READ_ROWS", 64)
+    seen = []
+    real_batches = ebm_data._record_batches
+
+    def spy(files, schema, columns):
+        for batch in real_batches(files, schema, columns):
+            seen.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(ebm_data, "_record_batches", spy)
+    windows = toy / "data/toy/windows/train.parquet"
+    negatives = pq.read_table(toy / "data/toy/negatives/train")
+    index = negatives.schema.get_field_index("sample_idx")
+
+    def copies(k: int) -> Path:
+        directory = tmp_path / f"x{k}"
+        directory.mkdir()
+        for i in range(k):
+            idx = pa.array(negatives.column("sample_idx").to_numpy() + i * N_NEG, pa.int32())
+            pq.write_table(negatives.set_column(index, "sample_idx", idx), directory / f"shard-{i:05d}.parquet")
+        return directory
+
+    peaks = {}
+    for k in (1, 16):
+        directory = copies(k)
+        tracemalloc.start()
+        data = load_nce_data(windows, directory, PREFIX, scratch=tmp_path)
+        peaks[k] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (len(data), data.samples_per_prefix) == (64, N_NEG * k)
+        assert np.array_equal(data.negatives(np.arange(64), np.full(64, N_NEG * k - 1)),
+                              data.negatives(np.arange(64), np.full(64, N_NEG - 1)))  # copy k of sample n−1
+    assert max(seen) == 64
+    tokens = 15 * 64 * N_NEG * (SEQ - PREFIX) * 8  # what the 15 more copies take as an int64 array
+    assert peaks[16] - peaks[1] < tokens / 4
 
 
 def test_incomplete_negatives_are_refused(toy: Path, tmp_path: Path) -> None:
@@ -130,7 +222,7 @@ def test_train_ebm_real_text_ends_with_lower_energy(toy: Path, monkeypatch: pyte
     lm_tok = AutoTokenizer.from_pretrained(toy / "data/toy/tokenizer")
     valid = load_nce_data(toy / "data/toy/windows/valid.parquet", toy / "data/toy/negatives/valid", PREFIX,
                           limit=metrics["valid_windows"])
-    energies = EnergyScorer(model.eval(), tokenizer, lm_tok)(torch.from_numpy(valid.windows))
+    energies = EnergyScorer(model.eval(), tokenizer, lm_tok)(torch.from_numpy(valid.windows(np.arange(len(valid)))))
     assert energies.mean().item() == pytest.approx(metrics["valid_energy_real_mean"], abs=1e-4)
     curve = (toy / f"models/toy/energy/{variant}_curve.tsv").read_text().splitlines()
     assert curve[0].startswith("step\t") and len(curve) >= 2
@@ -139,7 +231,9 @@ def test_train_ebm_real_text_ends_with_lower_energy(toy: Path, monkeypatch: pyte
 def test_toy_nce_data_is_separable(toy: Path) -> None:
     """Guard for the test above: the toy really differs between real and LM continuations."""
     data: NCEData = load_nce_data(toy / "data/toy/windows/valid.parquet", toy / "data/toy/negatives/valid", PREFIX)
-    assert data.windows[:, PREFIX:].max() < REAL_TOKENS[1] <= LM_TOKENS[0] <= data.negatives.min()
+    rows = np.repeat(np.arange(len(data)), data.samples_per_prefix)
+    negatives = data.negatives(rows, np.tile(np.arange(data.samples_per_prefix), len(data)))
+    assert data.windows(np.arange(len(data)))[:, PREFIX:].max() < REAL_TOKENS[1] <= LM_TOKENS[0] <= negatives.min()
 
 
 def test_unit_energy_without_a_base_lm_names_the_stage_to_run(toy: Path, tmp_path: Path,

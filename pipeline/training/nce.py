@@ -62,6 +62,15 @@ class NCEBatches(Sequence):
         rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         return self.data.batch(rows, self.seed, self.epoch)
 
+    def micro_batch(self, i: int, part: int, parts: int) -> dict[str, torch.Tensor]:
+        """Rows `part`·m … (`part`+1)·m of batch `i` (m = batch_size / parts), reading only those rows
+        from the store: a Ray Train replica reads its own slice of each global batch."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        size = self.batch_size // parts
+        start = i * self.batch_size + part * size
+        return self.data.batch(self.order[start : start + size], self.seed, self.epoch)
+
 
 def pair_energies(scorer: EnergyScorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies of the real windows and of their LM counterparts, in one forward pass."""
