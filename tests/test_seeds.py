@@ -100,17 +100,18 @@ def test_seed_runs_are_dvc_experiments_kept_and_not_rerun(tmp_path: Path, tiny_b
 def test_report_section_shows_each_row_over_seeds_and_says_when_unmeasured(tmp_path: Path) -> None:
     from pipeline.reporting.spread import load_spread, spread_section
 
-    assert load_spread(tmp_path) is None and spread_section(None, "abc")["measured"] is False
+    assert load_spread(tmp_path) is None and spread_section(None, {})["measured"] is False
     runs = {s: {"news": metrics(700 + s, (600 + s, 610 + 2 * s))} for s in (1, 2, 3)}
     (tmp_path / "results").mkdir()
     (tmp_path / "results/seed_spread.json").write_text(json.dumps(
-        {"seeds": [1, 2, 3], "commit": "0123456789ab", "machine": {"cpu": "X", "precision_auto": "bf16"},
-         "rows": seeds.seed_spread(runs)}))
-    section = spread_section(load_spread(tmp_path), "0123456789ab")
-    assert section["same_commit"] and section["machine"] == "cpu X, precision_auto bf16"
+        {"seeds": [1, 2, 3], "workspace_seed": 2, "commit": "0123456789ab",
+         "machine": {"cpu": "X", "precision_auto": "bf16"}, "rows": seeds.seed_spread(runs)}))
+    section = spread_section(load_spread(tmp_path), {"news": runs[2]["news"]})
+    assert section["current"] and section["machine"] == "cpu X, precision_auto bf16"
     high = next(r for r in section["rows"] if r[1] == "JOINT BIT-BASE*, U_n end")
     assert high == ["news", "JOINT BIT-BASE*, U_n end", "612.00 / 614.00 / 616.00", "612.00–616.00", "4.00 (0.65 %)"]
-    assert not spread_section(load_spread(tmp_path), "fedcba98")["same_commit"]
+    # a report whose seed-2 numbers moved (another run) says the spread is not of its run
+    assert not spread_section(load_spread(tmp_path), {"news": runs[3]["news"]})["current"]
     (tmp_path / "results/seed_spread.json").write_text("{}")
     with pytest.raises(RebmError, match="seed_spread.json: not a seed spread"):
         load_spread(tmp_path)

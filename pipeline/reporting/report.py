@@ -947,7 +947,7 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
     text = render_template(
         "report.md.j2", title=TITLE, datasets=ds,
         headline=_headline(ds), table1=_table1(ds), reference=_reference(ds),
-        spread=spread_section(inputs.seed_spread, inputs.provenance.git_revision), last_position=_last_position(ds), claims=_claims(ds),
+        spread=spread_section(inputs.seed_spread, {d.name: d.evaluation for d in ds}), last_position=_last_position(ds), claims=_claims(ds),
         figure1=[_figure1(d, figures) for d in ds], figure2=(later := [_figures(d) for d in ds]), figure3=later,
         sample_stats=_sample_stats(ds), before_after=_before_after(ds),
         human=human, human_table=None if human.markdown is None else human.markdown.rstrip("\n"),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import RebmError
-from pipeline.core.variants import display_name
+from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, display_name
 
 SPREAD_FILE = Path("results/seed_spread.json")  # pipeline.tools.seeds writes it
 
@@ -26,13 +26,41 @@ def load_spread(root: Path = Path(".")) -> dict | None:
     return spread
 
 
+def table1_rows(metrics: dict) -> dict[str, float]:
+    """The numbers of one dataset's Table 1 (evaluate's metrics.json): every LM's perplexity and
+    each joint model's range ends."""
+    rows = {f"{v} ppl": float(m["ppl"]) for v, m in metrics.get("perplexity", {}).items()}
+    for v, m in metrics.get("joint", {}).items():
+        rows[f"{v} ppl_low"], rows[f"{v} ppl_high"] = float(m["ppl_low"]), float(m["ppl_high"])
+    return rows
+
+
+def _row_order(row: str) -> tuple[int, int]:
+    """Table 1's order: the LMs, then the joint models, each T_n end before its U_n end."""
+    variant, _, end = row.partition(" ")
+    order = [*LM_VARIANTS, *ENERGY_VARIANTS]
+    return (order.index(variant) if variant in order else len(order), ["ppl", "ppl_low", "ppl_high"].index(end))
+
+
 def _row_label(row: str) -> str:
     variant, _, end = row.partition(" ")
     return {"ppl": display_name(variant), "ppl_low": f"{display_name(variant)}, T_n end",
             "ppl_high": f"{display_name(variant)}, U_n end"}[end]
 
 
-def spread_section(spread: dict | None, git_revision: str) -> dict[str, Any]:
+def matches_current(spread: dict, evaluations: dict[str, dict]) -> bool:
+    """Whether the spread's run of the workspace seed is this report's run: every row's value for
+    that seed equals the current metrics (else the spread is from older code or data)."""
+    own = str(spread.get("workspace_seed"))
+    for dataset, rows in spread["rows"].items():
+        current = table1_rows(evaluations.get(dataset, {}))
+        for row, s in rows.items():
+            if own not in s["values"] or row not in current or round(current[row], 3) != s["values"][own]:
+                return False
+    return True
+
+
+def spread_section(spread: dict | None, evaluations: dict[str, dict]) -> dict[str, Any]:
     """Rows (dataset, row, each seed's value, min–max, range as % of the mean) and the notes that
     say what the spread covers, on which machine and at which commit."""
     if spread is None:
@@ -40,12 +68,13 @@ def spread_section(spread: dict | None, git_revision: str) -> dict[str, Any]:
     seeds = [str(s) for s in spread["seeds"]]
     rows = []
     for dataset, table in spread["rows"].items():
-        for row, s in table.items():
+        for row, s in sorted(table.items(), key=lambda item: _row_order(item[0])):
             values = " / ".join(f"{s['values'][k]:.2f}" for k in seeds)
             rows.append([dataset, _row_label(row), values, f"{s['min']:.2f}–{s['max']:.2f}",
                          f"{s['range']:.2f} ({s['range_pct_of_mean']:.2f} %)"])
     machine = spread.get("machine") or {}
     commit = spread.get("commit", "?")
     return {"rows": rows, "measured": True, "seeds": ", ".join(seeds), "covers": spread.get("covers", ""),
+            "workspace_seed": spread.get("workspace_seed", "?"),
             "machine": ", ".join(f"{k} {v}" for k, v in machine.items()) or "not recorded",
-            "commit": commit[:8], "same_commit": git_revision.startswith(commit[:8]) or commit.startswith(git_revision)}
+            "commit": commit[:8], "current": matches_current(spread, evaluations)}

@@ -578,9 +578,10 @@ def dataset_rows(
     for lm in ev.lms:
         row("evaluate", f"LM log-probs {lm}", lm_names[lm], sizes[lm], te_eval, _mul(te_eval, T), "forward")
     new, prefix = _mul(te_eval, n_draw, L), _mul(te_eval, p)
+    cap = "; at most: a futile draw stops at a look" if ev.convergence.stop_khat is not None else ""
     rows.append(Row(ds, "evaluate", f"log Z samples (n={n_draw:,} per prefix)", "base LM", sizes["base"].flop,
                     _mul(te_eval, n_draw), new, _mul(2, sizes["base"].flop, _add(new, prefix)), FORMULAS["sample"],
-                    f"+ {_fmt(prefix)} prefix tokens" if prefix is not None else ""))
+                    (f"+ {_fmt(prefix)} prefix tokens" if prefix is not None else "") + cap))
     if W:
         new = _mul(W, s, L * (L + 1) // 2)
         prefix = _mul(W, L * p + L * (L - 1) // 2)

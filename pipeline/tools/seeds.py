@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core.errors import RebmError
 from pipeline.core.io import write_json
-from pipeline.reporting.spread import SPREAD_FILE
+from pipeline.reporting.spread import SPREAD_FILE, table1_rows
 
 
 class SeedsPreset(BaseModel):
@@ -91,15 +91,6 @@ def run_seeds(preset: SeedsPreset, root: Path = Path("."),
                 *preset.targets], root)
         ran.append(seed)
     return ran
-
-
-def table1_rows(metrics: dict) -> dict[str, float]:
-    """The numbers of one dataset's Table 1 (evaluate's metrics.json): every LM's perplexity and
-    each joint model's range ends."""
-    rows = {f"{v} ppl": float(m["ppl"]) for v, m in metrics.get("perplexity", {}).items()}
-    for v, m in metrics.get("joint", {}).items():
-        rows[f"{v} ppl_low"], rows[f"{v} ppl_high"] = float(m["ppl_low"]), float(m["ppl_high"])
-    return rows
 
 
 def row_spread(values: dict[int, float]) -> dict:
