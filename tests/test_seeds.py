@@ -107,7 +107,7 @@ def test_report_section_shows_each_row_over_seeds_and_says_when_unmeasured(tmp_p
         {"seeds": [1, 2, 3], "workspace_seed": 2, "commit": "0123456789ab",
          "machine": {"cpu": "X", "precision_auto": "bf16"}, "rows": seeds.seed_spread(runs)}))
     section = spread_section(load_spread(tmp_path), {"news": runs[2]["news"]})
-    assert section["current"] and section["machine"] == "cpu X, precision_auto bf16"
+    assert section["current"] and section["machine"] == "X, ? cores, ?, precision auto = bf16"
     high = next(r for r in section["rows"] if r[1] == "JOINT BIT-BASE*, U_n end")
     assert high == ["news", "JOINT BIT-BASE*, U_n end", "612.00 / 614.00 / 616.00", "612.00–616.00", "4.00 (0.65 %)"]
     # a report whose seed-2 numbers moved (another run) says the spread is not of its run

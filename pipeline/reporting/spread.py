@@ -60,6 +60,15 @@ def matches_current(spread: dict, evaluations: dict[str, dict]) -> bool:
     return True
 
 
+def _machine(machine: dict) -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores, cpu, precision auto = bf16' from `machine_description`."""
+    if not machine:
+        return "a machine not recorded"
+    parts = [machine.get("cpu", "unknown CPU"), f"{machine.get('cores', '?')} cores", machine.get("device", "?"),
+             f"precision auto = {machine.get('precision_auto', '?')}"]
+    return ", ".join(str(p) for p in parts)
+
+
 def spread_section(spread: dict | None, evaluations: dict[str, dict]) -> dict[str, Any]:
     """Rows (dataset, row, each seed's value, min–max, range as % of the mean) and the notes that
     say what the spread covers, on which machine and at which commit."""
@@ -76,5 +85,5 @@ def spread_section(spread: dict | None, evaluations: dict[str, dict]) -> dict[st
     commit = spread.get("commit", "?")
     return {"rows": rows, "measured": True, "seeds": ", ".join(seeds), "covers": spread.get("covers", ""),
             "workspace_seed": spread.get("workspace_seed", "?"),
-            "machine": ", ".join(f"{k} {v}" for k, v in machine.items()) or "not recorded",
+            "machine": _machine(machine),
             "commit": commit[:8], "current": matches_current(spread, evaluations)}
