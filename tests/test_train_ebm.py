@@ -96,6 +96,7 @@ def test_negatives_come_from_the_same_prefix_and_are_drawn_uniformly(toy: Path) 
 
 def in_memory(windows_path: Path, negatives_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The split read whole, as before the store: (ids [N], windows [N, T], negatives [N, n, T − p])."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.data.tokenization import read_windows
@@ -103,18 +104,12 @@ def in_memory(windows_path: Path, negatives_dir: Path) -> tuple[np.ndarray, np.n
     ids, windows = read_windows(windows_path)
     table = pq.read_table(negatives_dir)
     row = {int(w): i for i, w in enumerate(ids)}
-    n = int(pc_max(table.column("sample_idx"))) + 1
+    n = int(pc.max(table.column("sample_idx")).as_py()) + 1
     negatives = np.empty((len(ids), n, windows.shape[1] - PREFIX), dtype=np.int64)
     for w, k, tokens in zip(*(table.column(c).to_pylist() for c in ("window_id", "sample_idx", "token_ids")),
                             strict=True):
         negatives[row[w], k] = tokens
     return ids, windows, negatives
-
-
-def pc_max(column) -> int:
-    import pyarrow.compute as pc
-
-    return pc.max(column).as_py()
 
 
 def test_the_store_gives_the_in_memory_batches_bit_for_bit(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,10 +117,10 @@ def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
-def _format_validation_error(path: Path, section: str, exc: ValidationError) -> str:
+def format_validation_error(path: Path, section: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (section, *err["loc"]) if p != "__root__")
+        loc = ".".join(str(p) for p in (section, *err["loc"]) if p not in ("__root__", ""))
         lines.append(f"{path}: {loc}: {err['msg']}")
     return "\n".join(lines)
 
@@ -156,7 +156,7 @@ def load_section(model: type[SectionT], section: str, path: Path = DEFAULT_PARAM
     try:
         return model.model_validate(params[section])
     except ValidationError as exc:
-        raise RebmError(_format_validation_error(Path(path), section, exc)) from None
+        raise RebmError(format_validation_error(Path(path), section, exc)) from None
 
 
 def load_dataset_source(dataset: str, path: Path = DEFAULT_PARAMS) -> BrownSource | HFSource | FilesSource:
@@ -169,7 +169,7 @@ def load_dataset_source(dataset: str, path: Path = DEFAULT_PARAMS) -> BrownSourc
     try:
         return _DATASET_SOURCE.validate_python(datasets[dataset])
     except ValidationError as exc:
-        raise RebmError(_format_validation_error(Path(path), f"datasets.{dataset}", exc)) from None
+        raise RebmError(format_validation_error(Path(path), f"datasets.{dataset}", exc)) from None
 
 
 def load_seed(path: Path = DEFAULT_PARAMS) -> int:
@@ -199,7 +199,7 @@ def load_subsection(model: type[SectionT], dotted: str, path: Path = DEFAULT_PAR
     try:
         return model.model_validate(node)
     except ValidationError as exc:
-        raise RebmError(_format_validation_error(Path(path), dotted, exc)) from None
+        raise RebmError(format_validation_error(Path(path), dotted, exc)) from None
 
 
 def load_device(path: Path = DEFAULT_PARAMS) -> str:
@@ -639,4 +639,4 @@ def load_params(path: Path = DEFAULT_PARAMS) -> Params:
     try:
         return Params.model_validate(read_params(path))
     except ValidationError as exc:
-        raise RebmError(_format_validation_error(Path(path), "", exc).replace(": .", ": ")) from None
+        raise RebmError(format_validation_error(Path(path), "", exc).replace(": .", ": ")) from None

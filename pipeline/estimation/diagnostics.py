@@ -162,10 +162,14 @@ def futile_draw(log_weights: np.ndarray, stop_khat: float | None) -> str | None:
     if stop_khat is None:
         return None
     khat = pareto_khat(np.atleast_2d(np.asarray(log_weights, dtype=np.float64)))
-    mean = float(np.mean(khat))
-    if mean < stop_khat:
+    return stop_reason(np.shape(log_weights)[-1], float(np.mean(khat)), stop_khat)
+
+
+def stop_reason(samples: int, mean_khat: float, stop_khat: float | None) -> str | None:
+    """The text of a futile draw's stop at `samples` draws, or None below `stop_khat`."""
+    if stop_khat is None or mean_khat < stop_khat:
         return None
-    return (f"stopped at n = {np.shape(log_weights)[-1]}: mean per-prefix PSIS k̂ {mean:.2f} ≥ {stop_khat} "
+    return (f"stopped at n = {samples}: mean per-prefix PSIS k̂ {mean_khat:.2f} ≥ {stop_khat} "
             f"(a reliable estimate would need ≥ 10^{1 / (1 - min(stop_khat, 0.99)):.0f} draws)")
 
 

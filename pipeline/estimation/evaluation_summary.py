@@ -27,7 +27,7 @@ from pipeline.core.seeds import bootstrap_seed
 from pipeline.core.variants import DISPLAY_NAMES
 from pipeline.estimation.bounds import log_partition_bounds
 from pipeline.estimation.convergence import RULE, convergence_verdict, doubling_counts
-from pipeline.estimation.diagnostics import futile_draw
+from pipeline.estimation.diagnostics import stop_reason
 from pipeline.estimation.evaluation import (
     JointRange,
     exact_last_logprob,
@@ -126,7 +126,9 @@ def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
         joint = JointRange(*perplexity_range(nll_low, nll_high, tokens))
         verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)
         self_normalised = self_normalised_perplexity(base_seq, e["real"], tokens)
-        stopped = futile_draw(log_weights, cfg.convergence.stop_khat) if n < cfg.n_eval[variant] else None
+        # the verdict fitted k̂ on these same draws: the stop's reason reads it rather than fitting again
+        stopped = (stop_reason(n, verdict.diagnostics.mean_khat, cfg.convergence.stop_khat)
+                   if n < cfg.n_eval[variant] else None)
         metrics_joint[variant] = {
             "n_eval": n,
             "n_eval_cap": cfg.n_eval[variant],
@@ -280,10 +282,12 @@ def positions_converged(position_energies: np.ndarray, rule) -> np.ndarray:
     return column_ok & np.append(column_ok[1:], True)
 
 
-def _drawn(joint: dict | None, cap: int) -> str:
-    """n as drawn: "1024 of 4096 (stopped: k̂ ≥ 1)" where the futility rule stopped the draw."""
-    n = cap if joint is None else joint["n_eval"]
-    return str(n) if n == cap else f"{n} of {cap} (draw stopped: mean k̂ ≥ stop_khat)"
+def drawn_label(joint: dict) -> str:
+    """A joint row's n as drawn: "1024 of 4096, the draw at n = 1024: mean … k̂ …" where the
+    futility rule stopped it (metrics.json `stopped`), else just n. Table 1 and the report use it."""
+    stopped = joint.get("stopped")
+    n = joint["n_eval"]
+    return f"{n} of {joint.get('n_eval_cap', '?')}, the draw {stopped.removeprefix('stopped ')}" if stopped else str(n)
 
 
 def table1_markdown(metrics: dict) -> str:
@@ -319,7 +323,8 @@ def table1_markdown(metrics: dict) -> str:
             f"| {row['self_normalised_ppl']:.2f} ({row['vs_base_pct_self_normalised']:+.2f}%) "
             f"| {ci} |"
         )
-    n = ", ".join(f"{DISPLAY_NAMES[v]} {_drawn(metrics['joint'].get(v), k)}" for v, k in metrics["n_eval"].items())
+    n = ", ".join(f"{DISPLAY_NAMES[v]} {drawn_label(metrics['joint'][v]) if v in metrics['joint'] else k}"
+                  for v, k in metrics["n_eval"].items())
     lines += [
         "",
         f"Joint ranges: log Z of each prefix from n BASE LM samples (full distribution; n: {n}), lower end with "

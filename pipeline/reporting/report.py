@@ -58,6 +58,7 @@ from pipeline.core.errors import RebmError
 from pipeline.core.paths import DatasetPaths, ReportPaths
 from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, display_name
 from pipeline.estimation.evaluation import evenly_spaced, format_parameters
+from pipeline.estimation.evaluation_summary import drawn_label
 from pipeline.reporting.claims import (
     NOT_CONVERGED,
     VERDICTS,
@@ -619,8 +620,7 @@ def _n_eval(evaluation: dict, energy: str) -> Any:
     joint = evaluation.get("joint", {}).get(energy, {})
     n = joint.get("n_eval", evaluation.get("n_eval", "?"))
     n = n.get(energy, "?") if isinstance(n, dict) else n
-    stopped = joint.get("stopped")  # evaluate.convergence.stop_khat ended the draw before n_eval
-    return f"{n} of {joint.get('n_eval_cap', '?')}, the draw {stopped.removeprefix('stopped ')}" if stopped else n
+    return drawn_label(joint) if "n_eval" in joint else n
 
 
 def _joint_gain(j: dict) -> str:

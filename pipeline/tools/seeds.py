@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.core.config import format_validation_error
 from pipeline.core.errors import RebmError
 from pipeline.core.io import write_json
 from pipeline.reporting.spread import SPREAD_FILE, table1_rows
@@ -48,9 +49,7 @@ def load_preset(path: Path) -> SeedsPreset:
     except FileNotFoundError:
         raise RebmError(f"{path}: no such seeds preset") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise RebmError(f"{path}: {key}: {first['msg']}") from None
+        raise RebmError(format_validation_error(path, "", exc)) from None
 
 
 def experiment_name(seed: int) -> str:

@@ -126,11 +126,6 @@ class NCEData:
         flat = self._store_rows(rows) * self.samples_per_prefix + np.asarray(sample_idx, dtype=np.int64)
         return _read_rows(self.store / "negatives.i32", flat, (self.seq_len - self.prefix_len,))
 
-    def negative_windows(self, rows: np.ndarray, sample_idx: np.ndarray) -> np.ndarray:
-        """prefix of each row's real window + its `sample_idx`-th LM continuation: [B, T]."""
-        prefixes = self.windows(rows)[:, : self.prefix_len]
-        return np.concatenate([prefixes, self.negatives(rows, sample_idx)], axis=1)
-
     def draw_samples(self, rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
         """Uniform sample index per row, from (seed, epoch, window_id) only."""
         ids = self.ids(rows)
@@ -280,5 +275,7 @@ def nce_data_from_arrays(window_ids: np.ndarray, windows: np.ndarray, negatives:
     negatives = np.ascontiguousarray(negatives, dtype=np.int32)
     (directory / "windows.i32").write_bytes(windows.tobytes())
     (directory / "negatives.i32").write_bytes(negatives.tobytes())
-    (directory / "digest").write_text(str(hash((windows.tobytes(), negatives.tobytes()))), encoding="utf-8")
+    digest = hashlib.sha256(windows.tobytes())
+    digest.update(negatives.tobytes())
+    (directory / "digest").write_text(digest.hexdigest(), encoding="utf-8")
     return NCEData(directory, np.asarray(window_ids, dtype=np.int64), windows.shape[1], prefix_len, negatives.shape[1])
