@@ -120,7 +120,7 @@ def validate_params(path: Path) -> Validated:
             try:
                 return model.model_validate(node)
             except ValidationError as exc:
-                for line in C._format_validation_error(path, where, exc).splitlines():
+                for line in C.format_validation_error(path, where, exc).splitlines():
                     if line not in v.errors:
                         v.errors.append(line)
                 extras = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
