@@ -346,6 +346,24 @@ def seeds_collect(
     typer.echo(json.dumps(result, indent=2) if as_json else seeds.format_spread(result))
 
 
+@seeds_app.command("compare")
+@_user_errors
+def seeds_compare(
+    other: Annotated[Path, typer.Argument(help="another run's checkout (reads its results/<dataset>/evaluation/metrics.json)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """Whether results/seed_spread.json's next-run interval covers each Table 1 row of another run
+    (a fresh clone on another CPU kind, say); a row it does not cover is "inconclusive" across runs."""
+    from pipeline.reporting.spread import load_spread
+    from pipeline.tools import seeds
+
+    spread = load_spread()
+    if spread is None:
+        raise RebmError("no results/seed_spread.json: run `rebm seeds run` and `rebm seeds collect` first")
+    rows = seeds.compare_run(spread, seeds.read_evaluations(other, list(spread["rows"])))
+    typer.echo(json.dumps(rows, indent=2) if as_json else seeds.format_comparison(rows))
+
+
 # --------------------------------------------------------------------------- humaneval
 humaneval_app = typer.Typer(
     help="Human evaluation (paper Table 2, Appendix A.4): export an A/B sheet, score the votes.",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -109,9 +110,42 @@ def test_report_section_shows_each_row_over_seeds_and_says_when_unmeasured(tmp_p
     section = spread_section(load_spread(tmp_path), {"news": runs[2]["news"]})
     assert section["current"] and section["machine"] == "X, ? cores, ?, precision auto = bf16"
     high = next(r for r in section["rows"] if r[1] == "JOINT BIT-BASE*, U_n end")
-    assert high == ["news", "JOINT BIT-BASE*, U_n end", "612.00 / 614.00 / 616.00", "612.00–616.00", "4.00 (0.65 %)"]
+    assert high == ["news", "JOINT BIT-BASE*, U_n end", "612.00 / 614.00 / 616.00", "612.00–616.00", "4.00 (0.65 %)",
+                    "604.06–623.94"]  # 614 ± t₂(0.975) · 2 · √(4/3)
     # a report whose seed-2 numbers moved (another run) says the spread is not of its run
     assert not spread_section(load_spread(tmp_path), {"news": runs[3]["news"]})["current"]
     (tmp_path / "results/seed_spread.json").write_text("{}")
     with pytest.raises(RebmError, match="seed_spread.json: not a seed spread"):
         load_spread(tmp_path)
+
+
+def test_next_run_interval_covers_a_fourth_run_at_its_level() -> None:
+    """The rule that decides "covered" checked where the truth is known: three runs and a fourth
+    drawn from one normal law; the interval covers the fourth at 0.95, the min–max only at 1/2."""
+    rng = np.random.default_rng(0)
+    runs = rng.normal(700.0, 30.0, (4000, 4))
+    intervals = [seeds.next_run_interval(r[:3]) for r in runs]
+    covered = np.mean([low <= r[3] <= high for (low, high), r in zip(intervals, runs, strict=True)])
+    in_range = np.mean((runs[:, 3] >= runs[:, :3].min(axis=1)) & (runs[:, 3] <= runs[:, :3].max(axis=1)))
+    assert 0.94 <= covered <= 0.96
+    assert 0.47 <= in_range <= 0.53
+
+
+def test_another_run_is_covered_or_inconclusive(tmp_path: Path) -> None:
+    runs = {1: {"news": metrics(700, (600, 610))}, 2: {"news": metrics(710, (590, 600))},
+            3: {"news": metrics(705, (620, 640))}}
+    spread = {"rows": seeds.seed_spread(runs)}
+    low, high = spread["rows"]["news"]["base ppl"]["next_run"]
+    assert low < 700 and high > 710 and high - low > 10  # wider than the range of three seeds
+    other = tmp_path / "other"
+    write = other / seeds.metrics_path("news")
+    write.parent.mkdir(parents=True)
+    run = metrics(high + 1, (615, 625))
+    run["perplexity"]["balm"]["ppl"] = 700.0  # inside balm's interval, 695 ± 24.8
+    write.write_text(json.dumps(run))
+    verdicts = {r["row"]: r["verdict"] for r in seeds.compare_run(spread, seeds.read_evaluations(other, ["news"]))}
+    assert verdicts == {"base ppl": "inconclusive", "balm ppl": "covered", "bit_star ppl_low": "covered",
+                        "bit_star ppl_high": "covered"}
+    assert list(verdicts) == ["base ppl", "balm ppl", "bit_star ppl_low", "bit_star ppl_high"]  # Table 1's order
+    with pytest.raises(RebmError, match="fiction/evaluation/metrics.json: no such file"):
+        seeds.read_evaluations(other, ["fiction"])

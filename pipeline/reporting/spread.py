@@ -35,7 +35,7 @@ def table1_rows(metrics: dict) -> dict[str, float]:
     return rows
 
 
-def _row_order(row: str) -> tuple[int, int]:
+def row_order(row: str) -> tuple[int, int]:
     """Table 1's order: the LMs, then the joint models, each T_n end before its U_n end."""
     variant, _, end = row.partition(" ")
     order = [*LM_VARIANTS, *ENERGY_VARIANTS]
@@ -77,10 +77,11 @@ def spread_section(spread: dict | None, evaluations: dict[str, dict]) -> dict[st
     seeds = [str(s) for s in spread["seeds"]]
     rows = []
     for dataset, table in spread["rows"].items():
-        for row, s in sorted(table.items(), key=lambda item: _row_order(item[0])):
+        for row, s in sorted(table.items(), key=lambda item: row_order(item[0])):
             values = " / ".join(f"{s['values'][k]:.2f}" for k in seeds)
+            next_run = f"{s['next_run'][0]:.2f}–{s['next_run'][1]:.2f}" if "next_run" in s else "not computed"
             rows.append([dataset, _row_label(row), values, f"{s['min']:.2f}–{s['max']:.2f}",
-                         f"{s['range']:.2f} ({s['range_pct_of_mean']:.2f} %)"])
+                         f"{s['range']:.2f} ({s['range_pct_of_mean']:.2f} %)", next_run])
     machine = spread.get("machine") or {}
     commit = spread.get("commit", "?")
     return {"rows": rows, "measured": True, "seeds": ", ".join(seeds), "covers": spread.get("covers", ""),

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.core.config import format_validation_error
 from pipeline.core.errors import RebmError
 from pipeline.core.io import write_json
-from pipeline.reporting.spread import SPREAD_FILE, table1_rows
+from pipeline.reporting.spread import SPREAD_FILE, row_order, table1_rows
 
 
 class SeedsPreset(BaseModel):
@@ -92,17 +92,63 @@ def run_seeds(preset: SeedsPreset, root: Path = Path("."),
     return ran
 
 
+NEXT_RUN_LEVEL = 0.95
+
+
+def next_run_interval(values: np.ndarray, level: float = NEXT_RUN_LEVEL) -> tuple[float, float]:
+    """Prediction interval for one more run's value from k runs: mean ± t_{k−1} · sd · √(1 + 1/k).
+
+    The min–max of three seeds covers a fourth run only half the time (P = (k − 1)/(k + 1)); this
+    interval covers it at `level` when runs scatter normally (tests/test_seeds.py simulates it).
+    It is what a row's "reported uncertainty" means for a run on another machine."""
+    from scipy.stats import t as student_t
+
+    k = len(values)
+    half = float(student_t.ppf((1 + level) / 2, k - 1) * values.std(ddof=1) * math.sqrt(1 + 1 / k))
+    return float(values.mean()) - half, float(values.mean()) + half
+
+
 def row_spread(values: dict[int, float]) -> dict:
-    """Spread of one row over seeds: each seed's value, min, max, range, sample sd, range / mean."""
+    """Spread of one row over seeds: each seed's value, min, max, range, sample sd, range / mean,
+    and the 95 % interval for the next run."""
     v = np.array(list(values.values()), dtype=np.float64)
+    low, high = next_run_interval(v)
     return {
         "values": {str(s): round(x, 3) for s, x in values.items()},
         "min": round(float(v.min()), 3),
         "max": round(float(v.max()), 3),
         "range": round(float(np.ptp(v)), 3),
-        "sd": round(float(v.std(ddof=1)), 3) if len(v) > 1 else math.nan,
+        "sd": round(float(v.std(ddof=1)), 3),
         "range_pct_of_mean": round(float(100 * np.ptp(v) / v.mean()), 3),
+        "mean": round(float(v.mean()), 3),
+        "next_run": [round(low, 3), round(high, 3)],
     }
+
+
+def compare_run(spread: dict, evaluations: dict[str, dict]) -> list[dict]:
+    """Another run's Table 1 (e.g. a fresh clone on another CPU kind) against the spread: for each
+    row both have, the other value, the next-run interval and whether it covers the value
+    ("covered"); a row it does not cover is "inconclusive" across runs: the spread understates
+    what changes between them (another kind adds bf16 vs fp32 to what a seed changes)."""
+    out = []
+    for dataset, rows in spread["rows"].items():
+        other = table1_rows(evaluations.get(dataset, {}))
+        for row, s in sorted(rows.items(), key=lambda item: row_order(item[0])):
+            if row not in other:
+                continue
+            low, high = s["next_run"]
+            out.append({"dataset": dataset, "row": row, "value": round(other[row], 3), "next_run": [low, high],
+                        "seeds_min_max": [s["min"], s["max"]],
+                        "verdict": "covered" if low <= other[row] <= high else "inconclusive"})
+    return out
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = [f"{'dataset':8s} {'row':18s} {'value':>9s}  {'next run, 95 %':>19s}  {'seeds min–max':>19s}  verdict"]
+    lines += [f"{r['dataset']:8s} {r['row']:18s} {r['value']:9.2f}  {r['next_run'][0]:8.2f} – {r['next_run'][1]:8.2f}"
+              f"  {r['seeds_min_max'][0]:8.2f} – {r['seeds_min_max'][1]:8.2f}  {r['verdict']}" for r in rows]
+    covered = sum(r["verdict"] == "covered" for r in rows)
+    return "\n".join([*lines, f"{covered} of {len(rows)} rows covered by the next-run interval"])
 
 
 def seed_spread(runs: dict[int, dict[str, dict]]) -> dict[str, dict[str, dict]]:
@@ -119,6 +165,17 @@ def seed_spread(runs: dict[int, dict[str, dict]]) -> dict[str, dict[str, dict]]:
 
 def metrics_path(dataset: str) -> str:
     return f"results/{dataset}/evaluation/metrics.json"
+
+
+def read_evaluations(root: Path, datasets: list[str]) -> dict[str, dict]:
+    """{dataset: metrics.json} of a checkout's evaluate stage; a missing file is an error naming it."""
+    out = {}
+    for dataset in datasets:
+        path = Path(root) / metrics_path(dataset)
+        if not path.exists():
+            raise RebmError(f"{path}: no such file (has that run reached `evaluate` for {dataset!r}?)")
+        out[dataset] = json.loads(path.read_text(encoding="utf-8"))
+    return out
 
 
 def collect(preset: SeedsPreset, root: Path = Path("."), machine: dict | None = None) -> dict:
@@ -162,5 +219,6 @@ def format_spread(result: dict) -> str:
     for dataset, rows in result["rows"].items():
         lines.append(f"  {dataset}")
         lines += [f"    {row:18s} {s['min']:9.2f} … {s['max']:9.2f}  range {s['range']:7.2f} "
-                  f"({s['range_pct_of_mean']:.2f} % of the mean), sd {s['sd']:.2f}" for row, s in rows.items()]
+                  f"({s['range_pct_of_mean']:.2f} % of the mean), sd {s['sd']:.2f}, next run "
+                  f"{s['next_run'][0]:.2f} … {s['next_run'][1]:.2f}" for row, s in rows.items()]
     return "\n".join(lines)
