@@ -5,25 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.core.config import NegativesConfig, TokenizeConfig, load_device, load_section, load_seed
-from pipeline.core.errors import RebmError
 from pipeline.core.io import write_json
 from pipeline.core.paths import DatasetPaths
 from pipeline.core.precision import pool_device, resolve_device, resolve_dtype
-from pipeline.data.tokenization import read_windows
-
-
-def read_prefixes(path: Path, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(window ids int64 [N], prefixes int64 [N, prefix_len]) of one windows file."""
-    window_ids, windows = read_windows(path)
-    if windows.shape[1] <= prefix_len:
-        raise RebmError(
-            f"{path}: column 'input_ids' rows have {windows.shape[1]} tokens, "
-            f"not more than tokenize.prefix_len={prefix_len}"
-        )
-    return window_ids, np.ascontiguousarray(windows[:, :prefix_len])
 
 
 def run(
@@ -45,10 +30,9 @@ def run(
     paths = DatasetPaths(dataset, root)
     model_dir = Path(model_dir) if model_dir else paths.lm("base")
 
-    splits = {}
-    for split, n in n_per_split.items():
-        ids, prefixes = read_prefixes(paths.windows_split(split), tok.prefix_len)
-        splits[split] = SplitInput(ids, prefixes, n)
+    # Each split's windows file is read a shard at a time, never whole; `negatives.windows` caps how many.
+    splits = {split: SplitInput.from_windows(paths.windows_split(split), tok.prefix_len, n, cfg.windows)
+              for split, n in n_per_split.items()}
 
     start = time.perf_counter()
     with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker) as session:

@@ -200,7 +200,7 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
         spec = SamplingSpec(**{"n": N["train"], "new_tokens": L, "top_k": 0, "seed": 2020, "batch_samples": 12, **change})
         inp = split_inputs()["train"]
         fp = model_fingerprint(read_model_files(model))
-        return plan_shards("train", inp.window_ids, inp.prefixes, spec, SETTINGS["shard_windows"], fp, out)
+        return plan_shards("train", inp, spec, SETTINGS["shard_windows"], fp, out)
 
     assert all(shard_is_valid(s) for s in plan(model_dir))
     other_lm = save_tiny_lm(tmp_path / "lm2", seed=1)
@@ -208,8 +208,8 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
         assert not any(shard_is_valid(s) for s in plan(model_dir, **change)), change
     assert not any(shard_is_valid(s) for s in plan(other_lm))
     inp = split_inputs()["train"]
-    moved = plan_shards("train", inp.window_ids, inp.prefixes + 1 - VOCAB * (inp.prefixes == VOCAB - 1),
-                        plan(model_dir)[0].spec, 4, model_fingerprint(read_model_files(model_dir)), out)
+    shifted = SplitInput(inp.window_ids, inp.prefixes + 1 - VOCAB * (inp.prefixes == VOCAB - 1), inp.n)
+    moved = plan_shards("train", shifted, plan(model_dir)[0].spec, 4, model_fingerprint(read_model_files(model_dir)), out)
     assert not any(shard_is_valid(s) for s in moved)  # same window ids, other prefixes (re-tokenised)
 
 
@@ -244,6 +244,50 @@ def test_stage_reads_params_windows_and_model(reference, model_dir, tmp_path) ->
     assert json.loads((tmp_path / "data/tiny/negatives_stats.json").read_text())["rows"] == summary["rows"]
     assert summary["new_tokens_per_second"] > 0
     assert_same(tmp_path / "data/tiny/negatives", ref)
+
+
+def test_stage_streams_the_windows_a_row_group_at_a_time_and_caps_them(reference, model_dir, tmp_path,
+                                                                       monkeypatch) -> None:
+    """The stage never holds a split: it decodes one row group of the windows file at a time (here
+    3 of the 18 train windows), never calls the whole-split reader, and `negatives.windows` keeps
+    the first N windows of each split; those shards are the in-memory run's, bit for bit, and the
+    NCE data built from them holds exactly those windows."""
+    import pipeline.data.tokenization as tokenization
+    from pipeline.training.ebm_data import load_nce_data
+    from stages import negatives as stage
+
+    ref, _ = reference
+    params = make_project(tmp_path, model_dir)
+    train = tmp_path / "data/tiny/windows/train.parquet"
+    for split in ("train", "test"):
+        path = tmp_path / f"data/tiny/windows/{split}.parquet"
+        pq.write_table(pq.read_table(path), path, row_group_size=3)  # shards of 4 span two
+    raw = yaml.safe_load(params.read_text())
+    raw["negatives"].update(num_workers=0, windows=10)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    decoded = []
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def counting(self, *args, **kwargs):
+        table = read_row_group(self, *args, **kwargs)
+        decoded.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    monkeypatch.setattr(tokenization, "read_windows", lambda *a: pytest.fail("the whole split was read"))
+    summary = stage.run("tiny", params, root=tmp_path, progress=False)
+    assert summary["splits"]["train"] == {"windows": 10, "n": 5, "rows": 50}
+    assert summary["splits"]["test"]["windows"] == 7  # fewer than the cap: all of them
+    assert max(decoded) == 3  # a row group at a time, of 18 + 7 windows
+    out = tmp_path / "data/tiny/negatives"
+    for name in ("shard-00000.parquet", "shard-00001.parquet"):  # windows 0-7: the same shards as uncapped
+        assert pq.read_table(out / "train" / name).equals(pq.read_table(ref / "train" / name))
+    assert read_negatives(out / "train").column("window_id").to_numpy().max() == SPLIT_ID_BASE["train"] + 9
+
+    data = load_nce_data(train, out / "train", P, scratch=tmp_path)
+    assert len(data) == 10 and data.samples_per_prefix == 5
+    assert data.ids(np.arange(10)).tolist() == (SPLIT_ID_BASE["train"] + np.arange(10)).tolist()
 
 
 def free_port() -> int:

@@ -331,7 +331,8 @@ class NegativesConfig(Section):
     bits of a GEMM, so bit-identical reruns keep it fixed (the samples stay valid either way).
     `gpus_per_worker` > 0 puts each actor's LM on the GPU Ray assigns it (fractions share a
     GPU); `dtype: auto` is bfloat16 where that device computes it natively. num_workers 0
-    samples in this process, without Ray.
+    samples in this process, without Ray. `windows` caps how many windows of each split get
+    samples (the first ones, in file order), to size the negative set to the machine.
     """
 
     samples: dict[str, dict[NegativesSplit, Annotated[int, Field(gt=0)]]]
@@ -342,7 +343,7 @@ class NegativesConfig(Section):
     num_workers: int = Field(default=2, ge=0)
     cpus_per_worker: int = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
-    gpus_per_worker: float = Field(default=0, ge=0)
+    windows: int | None = Field(default=None, gt=0)  # per split, the first N windows get samples (None: all)
 
     def samples_for(self, dataset: str, path: Path = DEFAULT_PARAMS) -> dict[str, int]:
         if dataset not in self.samples or not self.samples[dataset]:

@@ -165,6 +165,63 @@ def write_windows(
     return stats
 
 
+class WindowReader:
+    """One split's windows file read a block of rows at a time: `blocks` streams it in order,
+    `read` fetches a row range by decoding only the row groups that hold it (the writer's
+    row groups are fixed, `StreamingTableWriter.batch_rows`), so memory never holds the split.
+    `limit`: only the first `limit` windows exist for the reader."""
+
+    COLUMNS = ["window_id", "input_ids"]
+
+    def __init__(self, path: Path, limit: int | None = None):
+        from pipeline.core.io import check_schema
+
+        self.path = Path(path)
+        check_schema(self.path, WINDOWS_SCHEMA, self.COLUMNS)
+        metadata = pq.ParquetFile(self.path).metadata
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self.group_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.rows = int(self.group_start[-1]) if limit is None else min(int(limit), int(self.group_start[-1]))
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None  # the last row group decoded
+
+    def _decode(self, table: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        column = table.column("input_ids")
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = np.diff(column.offsets.to_numpy())
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise RebmError(f"{self.path}: column 'input_ids' has rows of different lengths")
+        start = column.offsets[0].as_py() if len(column) else 0
+        flat = column.values.to_numpy(zero_copy_only=False)[start : start + int(lengths.sum())].astype(np.int64)
+        ids = np.asarray(table.column("window_id").to_numpy(), dtype=np.int64)
+        return ids, flat.reshape(len(ids), -1) if len(ids) else flat.reshape(0, 0)
+
+    def _group(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached is None or self._cached[0] != index:
+            table = pq.ParquetFile(self.path).read_row_group(index, columns=self.COLUMNS)
+            self._cached = (index, *self._decode(table))
+        return self._cached[1], self._cached[2]
+
+    def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window ids int64 [k], token ids int64 [k, T]) of rows start … start + count − 1 (k ≤ count at the end)."""
+        stop = min(start + count, self.rows)
+        ids, tokens = [], []
+        group = int(np.searchsorted(self.group_start, start, side="right")) - 1
+        while start < stop:
+            group_ids, group_tokens = self._group(group)
+            lo, hi = start - int(self.group_start[group]), min(stop, int(self.group_start[group + 1])) - int(self.group_start[group])
+            ids.append(group_ids[lo:hi])
+            tokens.append(group_tokens[lo:hi])
+            start, group = int(self.group_start[group]) + hi, group + 1
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+        return np.concatenate(ids), np.concatenate(tokens)
+
+    def blocks(self, size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(first row, window ids, token ids) of consecutive blocks of `size` rows (the last may be shorter)."""
+        for start in range(0, self.rows, size):
+            yield (start, *self.read(start, size))
+
+
 def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(window ids int64 [N], token ids int64 [N, seq_len]) of one split, schema-checked."""
     from pipeline.core.io import read_table

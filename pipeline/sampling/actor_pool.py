@@ -62,8 +62,11 @@ class Task:
 
     key: Hashable
     method: str
-    args: tuple
+    args: tuple | Callable[[], tuple]  # a callable is called at each submission (inputs read late)
     payload: Any = None  # whatever the driver needs back in on_done (a Shard, row indices …)
+
+    def arguments(self) -> tuple:
+        return self.args() if callable(self.args) else self.args
 
 
 @dataclass
@@ -174,7 +177,7 @@ class ActorPool:
                 while load[i] < self.inflight and pending:
                     task = pending.popleft()
                     attempts[task.key] += 1
-                    refs[getattr(self.actors[i], task.method).remote(*task.args)] = (i, task)
+                    refs[getattr(self.actors[i], task.method).remote(*task.arguments())] = (i, task)
                     load[i] += 1
             if not refs:
                 raise RebmError(f"{self.name}: every Ray worker died and could not be restarted")
@@ -242,7 +245,7 @@ class LocalPool:
 
     def run(self, tasks: list[Task], on_done: Callable[[Task, Any], None], stats: PoolStats) -> None:
         for task in tasks:
-            on_done(task, getattr(self.actor, task.method)(*task.args))
+            on_done(task, getattr(self.actor, task.method)(*task.arguments()))
 
     def shutdown(self) -> None:
         pass

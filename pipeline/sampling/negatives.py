@@ -24,7 +24,8 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import RebmError
 from pipeline.core.io import atomic_output, write_json
+from pipeline.data.tokenization import WindowReader
 from pipeline.models.lm import load_lm
 from pipeline.sampling.actor_pool import PoolStats, Task, model_directory, read_model_files, worker_info, worker_setup
 
@@ -69,19 +71,68 @@ class SamplingSpec:
     sampler_version: int = SAMPLER_VERSION
 
 
+@dataclass
+class SplitInput:
+    """One split's prefixes and n. Either arrays (tests, benches: `SplitInput(ids, prefixes, n)`)
+    or a windows file read a shard at a time (`from_windows`): the stage never holds a split."""
+
+    window_ids: np.ndarray | None
+    prefixes: np.ndarray | None
+    n: int
+    reader: WindowReader | None = None
+    prefix_len: int = 0
+
+    @classmethod
+    def from_windows(cls, path: Path, prefix_len: int, n: int, limit: int | None = None) -> SplitInput:
+        """The first `limit` windows (all when None) of a windows file, cut to their prefixes."""
+        reader = WindowReader(path, limit)
+        _, first = reader.read(0, 1)
+        if first.size and first.shape[1] <= prefix_len:
+            raise RebmError(f"{path}: column 'input_ids' rows have {first.shape[1]} tokens, "
+                            f"not more than tokenize.prefix_len={prefix_len}")
+        return cls(None, None, n, reader, prefix_len)
+
+    @property
+    def windows(self) -> int:
+        return self.reader.rows if self.reader is not None else len(self.window_ids)
+
+    @property
+    def width(self) -> int:
+        return self.prefix_len if self.reader is not None else self.prefixes.shape[1]
+
+    def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window ids int64 [k], prefixes int64 [k, p]) of rows start … start + count − 1."""
+        if self.reader is None:
+            return (np.ascontiguousarray(self.window_ids[start : start + count], dtype=np.int64),
+                    np.ascontiguousarray(self.prefixes[start : start + count], dtype=np.int64))
+        ids, tokens = self.reader.read(start, count)
+        return ids, np.ascontiguousarray(tokens[:, : self.prefix_len])
+
+
 @dataclass(frozen=True)
 class Shard:
+    """Rows start … start + count − 1 of a split; its prefixes are read when it is checked or run."""
+
     split: str
     index: int
-    window_ids: np.ndarray  # int64 [S]
-    prefixes: np.ndarray  # int64 [S, p]
+    source: SplitInput = field(repr=False)
+    start: int
+    count: int
     spec: SamplingSpec
     fingerprint: str
     path: Path
 
+    def inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(window ids int64 [S], prefixes int64 [S, p])."""
+        return self.source.read(self.start, self.count)
+
+    @property
+    def window_ids(self) -> np.ndarray:
+        return self.inputs()[0]
+
     @property
     def rows(self) -> int:
-        return len(self.window_ids) * self.spec.n
+        return self.count * self.spec.n
 
     @property
     def new_tokens(self) -> int:
@@ -113,38 +164,42 @@ def model_positions(files: dict[str, bytes]) -> tuple[int | None, int | None]:
 # --------------------------------------------------------------------------- shards
 def plan_shards(
     split: str,
-    window_ids: np.ndarray,
-    prefixes: np.ndarray,
+    source: SplitInput,
     spec: SamplingSpec,
     shard_windows: int,
     model_fp: str,
     out_dir: Path,
+    vocab: int | None = None,
 ) -> list[Shard]:
-    """Consecutive groups of `shard_windows` windows in file order: a fixed grouping."""
-    window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
-    prefixes = np.ascontiguousarray(prefixes, dtype=np.int64)
+    """Consecutive groups of `shard_windows` windows in file order: a fixed grouping. One pass over
+    the split, a shard's prefixes at a time, fingerprints each shard (and checks token ids < vocab)."""
     settings = json.dumps(asdict(spec), sort_keys=True).encode()
     shards = []
-    for index, start in enumerate(range(0, len(window_ids), shard_windows)):
-        ids = window_ids[start : start + shard_windows]
-        pre = prefixes[start : start + shard_windows]
+    for index, start in enumerate(range(0, source.windows, shard_windows)):
+        ids, pre = source.read(start, shard_windows)
+        if vocab is not None and pre.size and int(pre.max()) >= vocab:
+            raise RebmError(
+                f"negatives: split '{split}' has token id {int(pre.max())} but the model has a vocabulary of "
+                f"{vocab}: was it trained on this dataset's tokenizer?"
+            )
         h = hashlib.sha256(settings + b"\0" + model_fp.encode() + b"\0")
         h.update(ids.tobytes())
         h.update(np.asarray(pre.shape, dtype=np.int64).tobytes() + pre.tobytes())
-        shards.append(Shard(split, index, ids, pre, spec, h.hexdigest(), Path(out_dir) / split / shard_name(index)))
+        shards.append(Shard(split, index, source, start, len(ids), spec, h.hexdigest(),
+                            Path(out_dir) / split / shard_name(index)))
     return shards
 
 
-def shard_table(shard: Shard, result: dict[str, np.ndarray]) -> pa.Table:
+def shard_table(shard: Shard, result: dict[str, np.ndarray], window_ids: np.ndarray) -> pa.Table:
     tokens = np.ascontiguousarray(result["tokens"], dtype=np.int32)  # [S, n, L]
     token_lp = np.ascontiguousarray(result["token_logprobs"], dtype=np.float32)
     S, n, L = tokens.shape
-    if S != len(shard.window_ids) or n != shard.spec.n or L != shard.spec.new_tokens:
+    if S != shard.count or n != shard.spec.n or L != shard.spec.new_tokens:
         raise RuntimeError(f"shard {shard.split}/{shard.index}: worker returned shape {tokens.shape}")
     offsets = pa.array(np.arange(0, S * n * L + 1, L, dtype=np.int32))
     table = pa.Table.from_arrays(
         [
-            pa.array(np.repeat(shard.window_ids, n), pa.int64()),
+            pa.array(np.repeat(window_ids, n), pa.int64()),
             pa.array(np.tile(np.arange(n, dtype=np.int32), S), pa.int32()),
             pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1))),
             pa.array(np.asarray(result["logprob"], dtype=np.float64).reshape(-1)),
@@ -181,7 +236,7 @@ def shard_is_valid(shard: Shard) -> bool:
         return False
     ids = table.column("window_id").to_numpy()
     idx = table.column("sample_idx").to_numpy()
-    if not (np.array_equal(ids, np.repeat(shard.window_ids, n)) and np.array_equal(idx, np.tile(np.arange(n), len(shard.window_ids)))):
+    if not (np.array_equal(ids, np.repeat(shard.window_ids, n)) and np.array_equal(idx, np.tile(np.arange(n), shard.count))):
         return False
     for name in ("token_ids", "lm_token_logprobs"):
         col = table.column(name).combine_chunks()
@@ -254,13 +309,6 @@ class SampleJob:
 
 
 # --------------------------------------------------------------------------- the whole job
-@dataclass
-class SplitInput:
-    window_ids: np.ndarray
-    prefixes: np.ndarray
-    n: int
-
-
 def generate_negatives(
     model_dir: Path,
     splits: dict[str, SplitInput],
@@ -296,18 +344,13 @@ def generate_negatives(
     for split, inp in splits.items():
         if inp.n <= 0:
             raise RebmError(f"negatives: split '{split}' asks for {inp.n} samples per window")
-        if len(inp.prefixes) and vocab is not None and int(inp.prefixes.max()) >= vocab:
+        if positions is not None and inp.width + new_tokens > positions:
             raise RebmError(
-                f"negatives: split '{split}' has token id {int(inp.prefixes.max())} but the model at "
-                f"{model_dir} has a vocabulary of {vocab}: was it trained on this dataset's tokenizer?"
-            )
-        if positions is not None and inp.prefixes.shape[1] + new_tokens > positions:
-            raise RebmError(
-                f"negatives: prefix {inp.prefixes.shape[1]} + {new_tokens} new tokens exceed the "
+                f"negatives: prefix {inp.width} + {new_tokens} new tokens exceed the "
                 f"model's {positions} positions ({model_dir}/config.json)"
             )
         spec = SamplingSpec(inp.n, new_tokens, top_k, seed, batch_samples, dtype)
-        plans[split] = plan_shards(split, inp.window_ids, inp.prefixes, spec, shard_windows, model_fp, out_dir)
+        plans[split] = plan_shards(split, inp, spec, shard_windows, model_fp, out_dir, vocab)
 
     _remove_stale(out_dir, plans)
     todo = [s for shards in plans.values() for s in shards if not shard_is_valid(s)]
@@ -321,7 +364,7 @@ def generate_negatives(
         t0 = time.perf_counter()
 
         def done(shard: Shard, result: dict) -> None:
-            write_shard(shard, shard_table(shard, result))
+            write_shard(shard, shard_table(shard, result, shard.window_ids))
             stats.shards_computed += 1
             stats.rows_computed += shard.rows
             stats.new_tokens += shard.new_tokens
@@ -329,8 +372,9 @@ def generate_negatives(
             if on_shard_done is not None:
                 on_shard_done(shard, pool)
 
+        # A task's prefixes are read from the windows file when it is submitted, not before.
         tasks = [Task(f"{s.split}/{s.index}", "sample",
-                      (s.window_ids, s.prefixes, s.spec.n, s.spec.new_tokens, s.spec.seed), s) for s in todo]
+                      partial(_sample_args, s), s) for s in todo]
         try:
             pool.run(tasks, lambda task, result: done(task.payload, result), stats)
         finally:
@@ -343,7 +387,7 @@ def generate_negatives(
         "model_fingerprint": model_fp,
         "splits": {
             split: {
-                "windows": int(sum(len(s.window_ids) for s in shards)),
+                "windows": int(sum(s.count for s in shards)),
                 "n": splits[split].n,
                 "rows": int(sum(s.rows for s in shards)),
                 "shards": [{"file": s.path.name, "fingerprint": s.fingerprint} for s in shards],
@@ -371,6 +415,11 @@ def generate_negatives(
         "workers": stats.workers,
         "splits": {k: {kk: v[kk] for kk in ("windows", "n", "rows")} for k, v in manifest["splits"].items()},
     }
+
+
+def _sample_args(shard: Shard) -> tuple:
+    """SamplerWorker.sample's arguments for a shard: its prefixes, read now."""
+    return (*shard.inputs(), shard.spec.n, shard.spec.new_tokens, shard.spec.seed)
 
 
 def _remove_stale(out_dir: Path, plans: dict[str, list[Shard]]) -> None:

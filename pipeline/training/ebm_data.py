@@ -183,11 +183,24 @@ class _RowIndex:
         return self.order[pos]
 
 
-def _write_windows(windows_path: Path, directory: Path, digest) -> tuple[np.ndarray, int]:
-    """Stream the windows file into windows.i32: (window ids in row order, T)."""
-    ids, seq_len = [], None
+def _sampled_windows(negatives_dir: Path) -> int | None:
+    """How many windows of the split (its first ones) the negatives stage sampled: its manifest's
+    count, which `negatives.windows` may cap below the split's size (None: no manifest, all)."""
+    manifest = negatives_dir.parent / "manifest.json"
+    if not manifest.exists():
+        return None
+    return int(json.loads(manifest.read_text(encoding="utf-8"))["splits"][negatives_dir.name]["windows"])
+
+
+def _write_windows(windows_path: Path, directory: Path, digest, limit: int | None) -> tuple[np.ndarray, int]:
+    """Stream the first `limit` windows (all: None) into windows.i32: (window ids in row order, T)."""
+    ids, seq_len, left = [], None, limit
     with open(directory / "windows.i32", "wb") as out:
         for batch in _record_batches([windows_path], WINDOWS_SCHEMA, ["window_id", "input_ids"]):
+            if left is not None:
+                if left <= 0:
+                    break
+                batch, left = batch.slice(0, left), left - min(left, len(batch))
             column = batch.column("input_ids")
             seq_len = seq_len if seq_len is not None else (len(column[0]) if len(column) else None)
             if seq_len is None:
@@ -255,7 +268,7 @@ def load_nce_data(windows_path: Path, negatives_dir: Path, prefix_len: int, limi
     directory = _store_directory(scratch, name)
     try:
         digest = hashlib.sha256()
-        window_ids, seq_len = _write_windows(windows_path, directory, digest)
+        window_ids, seq_len = _write_windows(windows_path, directory, digest, _sampled_windows(negatives_dir))
         row_of = _RowIndex(window_ids, negatives_dir, windows_path)
         n = _samples_per_window(files, row_of, window_ids, negatives_dir)
         _write_negatives(files, row_of, len(window_ids), n, seq_len - prefix_len, directory, negatives_dir, digest)
