@@ -249,3 +249,36 @@ def test_smollm2_plan_skips_what_is_not_applicable_and_never_downloads(tmp_path:
     assert not any(part.startswith("train ") for stage, part in rows if stage == "train_lm_base")  # used as is
     assert "not in the model cache yet" in json.dumps(plan)
     assert not (tmp_path / "cache" / "models").exists()
+
+
+def memory_by(plan: dict, dataset: str) -> dict[str, dict]:
+    return {m["stage"]: m for m in next(d for d in plan["datasets"] if d["dataset"] == dataset)["memory"]}
+
+
+def test_paper_plan_states_memory_per_stage_and_streaming_stages_stay_flat(tmp_path: Path) -> None:
+    """Every stage gets a driver / per-worker / disk estimate; with 100x the train windows the
+    streaming stages' driver grows only by their per-shard and per-window records, while the disk
+    (negatives, the NCE store) grows 100x; by hand for the negatives actor and the base LM's worker."""
+    plans = {}
+    for train in (10_000, 1_000_000):
+        result = invoke(str(PAPER), "--windows", f"news={train},100,10", "--windows", "fiction=2k,200,20",
+                        "--root", str(tmp_path), "--json")
+        assert result.exit_code == 0, result.output
+        plans[train] = memory_by(json.loads(result.output), "news")
+    small, large = plans[10_000], plans[1_000_000]
+    assert {"ingest", "tokenize", "train_lm_base", "negatives", "train_ebm_bit", "evaluate", "generate"} <= set(small)
+    T, L, n = 160, 40, 16
+    # negatives: the actor holds the base LM (fp32) + a KV cache of 512 samples x T x 12 layers x 2 x 1024 + logits
+    base = json.loads(invoke(str(PAPER), "--windows", "news=1,1,1", "--windows", "fiction=1,1,1", "--root", str(tmp_path),
+                             "--json").output)["datasets"][0]["models"]["base"]["total"]
+    assert small["negatives"]["worker"] == 4 * base + 512 * T * 12 * 2 * 1024 * 4 + 512 * 50257 * 8
+    assert large["negatives"]["driver"] - small["negatives"]["driver"] == pytest.approx(990_000 / 256 * 200)
+    assert large["negatives"]["disk"] - small["negatives"]["disk"] == pytest.approx(990_000 * n * (L * 8 + 12))
+    assert large["train_ebm_bit"]["worker"] - small["train_ebm_bit"]["worker"] == 990_000 * 8  # one id per window
+    assert large["train_ebm_bit"]["disk"] == pytest.approx(100 * small["train_ebm_bit"]["disk"], rel=1e-9)
+    # the LM stages still read their whole train split: the estimate says so and grows with it
+    assert "whole train split" in small["train_lm_base"]["basis"]
+    assert large["train_lm_base"]["worker"] - small["train_lm_base"]["worker"] == 990_000 * T * 8
+    assert small["train_lm_base"]["fits_this_machine"].endswith("worker on GPU")
+    text = invoke(str(PAPER), "--windows", "news=1M,100,10", "--windows", "fiction=2k,200,20", "--root", str(tmp_path))
+    assert "memory at the peak" in text.output and "fits here" in text.output

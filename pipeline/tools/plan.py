@@ -38,6 +38,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pipeline.core import config as C
 from pipeline.core.errors import RebmError
 from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, PRETRAINED_ENERGIES
+from pipeline.tools.memory import dataset_memory, fits, machine_memory, model_shapes
 
 SPLITS = ("train", "valid", "test")
 FORMULAS = {
@@ -458,6 +459,7 @@ class DatasetPlan:
     models: dict[str, dict[str, Any]]
     rows: list[Row]
     notes: list[str]
+    memory: list[dict[str, Any]]  # pipeline.tools.memory.MemoryRow per stage, bytes
 
 
 @dataclass
@@ -669,10 +671,12 @@ def build_plan(
             size_cache[vocab] = model_sizes(v, vocab, resolver)
         sizes, lm_vocab = size_cache[vocab]
         rows, notes = dataset_rows(ds, v, corpus.windows, sizes, lm_vocab)
+        memory = dataset_memory(v, corpus.windows, sizes, model_shapes(v, resolver), lm_vocab, ds)
         plans.append(DatasetPlan(
             dataset=ds, source=_describe_source(spec), windows=corpus.windows, windows_source=corpus.source,
             vocab=lm_vocab, vocab_source=vocab_source if lm_vocab == vocab else "the pretrained base LM's config",
             models={k: asdict(m) for k, m in sizes.items()}, rows=rows, notes=notes,
+            memory=[{**asdict(m), "fits_this_machine": fits(m, machine_memory())} for m in memory],
         ))
     stage_totals = _totals(plans)
     total = _total([r for dp in plans for r in dp.rows])
@@ -734,6 +738,15 @@ def _fmt(x: float | int | None) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
+def _bytes(x: float | None) -> str:
+    if x is None:
+        return "?"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if x >= size:
+            return f"{x / size:,.1f} {unit}"
+    return f"{x / 1e6:,.2f} MB"
+
+
 def _flops(x: float | None) -> str:
     return "?" if x is None else f"{x:.2e}"
 
@@ -762,6 +775,12 @@ def format_plan(plan: Plan) -> str:
                 for r in dp.rows]
         out.extend(_table(["stage", "work", "N", "sequences", "tokens", "FLOPs", "formula", "note"], body, {2, 3, 4, 5}))
         out.extend(f"note: {n}" for n in dp.notes)
+        out.append("")
+        out.append(f"memory at the peak (estimates, pipeline/tools/memory.py; this machine: {_bytes(machine_memory())} RAM)")
+        body = [[m["stage"], _bytes(m["driver"]), _bytes(m["worker"]) if m["workers"] else "-",
+                 str(m["workers"] or "-"), _bytes(m["disk"]), m["fits_this_machine"], m["basis"]] for m in dp.memory]
+        out.extend(_table(["stage", "driver", "per worker", "workers", "disk", "fits here", "basis"], body,
+                          {1, 2, 3, 4}))
         out.append("")
     out.append("== per stage, all datasets")
 

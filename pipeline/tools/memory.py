@@ -1,0 +1,198 @@
+"""`rebm plan`'s memory column: what each stage holds at its peak, from the params alone.
+
+Estimates, in bytes, for the driver (the stage's own process) and for one worker (a Ray actor
+or Ray Train worker; the driver itself when the stage runs in one process), and what a stage
+leaves on disk. The rules, written once here:
+
+training    16 bytes per trained parameter (fp32 weights, gradients, AdamW's two moments), 4 per
+            frozen one (RALM's base), plus activations of one micro-batch,
+            batch · T · layers · (34 · d + 5 · heads · T) bytes at 16 bits, twice that in fp32
+            (Korthikanti et al. 2022, eq. 2, without recomputation), plus the logits and their
+            gradient, batch · T · |V| · 4 · 2.
+sampling    the LM's weights plus a KV cache of batch_samples · T · layers · 2 · d values and
+            the last position's logits, batch_samples · |V| · 4 · 2.
+data        what the stage reads stays bounded (a Parquet row group, the tasks in flight, an
+            8-byte id per window) except where a row says "whole split", which is the size of
+            that split in memory.
+Each estimate is a rule of thumb (allocator slack, the framework's own ~0.5 GB and CUDA's
+context are not in it): read it as "fits" or "does not fit", not to the megabyte.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ROW_GROUP = 4096  # rows per Parquet row group of every streaming writer (StreamingTableWriter)
+INFLIGHT = 2  # tasks queued per actor (pipeline.sampling.actor_pool.ActorPool)
+SHARD_BYTES = 200  # the driver's record of one negatives shard (plan, manifest)
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    d: int
+    heads: int
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    stage: str
+    driver: float | None  # bytes
+    worker: float | None  # bytes, per worker
+    workers: int  # 0: the work runs in the driver
+    disk: float | None  # bytes the stage's outputs or scratch take
+    basis: str
+    gpu_workers: bool = False  # the per-worker figure is GPU memory, not this machine's RAM
+
+
+def machine_memory() -> int:
+    """This machine's RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _shape_of(config: Any) -> Shape | None:
+    if config is None:
+        return None
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
+    layers, d, heads = get("n_layer", "num_hidden_layers"), get("n_embd", "hidden_size"), get("n_head", "num_attention_heads")
+    return Shape(layers, d, heads) if layers and d and heads else None
+
+
+def model_shapes(v: Any, resolver: Any) -> dict[str, Shape | None]:
+    """(layers, d, heads) of every model, from the params or a resolvable pretrained config."""
+    lms, ebm = v.sections["train_lm"], v.sections["train_ebm"]
+
+    def lm(cfg: Any) -> Shape | None:
+        if cfg is None:
+            return None
+        if getattr(cfg, "init", None) is not None:  # RALM's phi has no init: always its arch
+            return _shape_of(resolver.config(cfg.init)[0])
+        return Shape(cfg.arch.n_layer, cfg.arch.d_model, cfg.arch.n_head)
+
+    bit = v.sections["energy"]["bit"]
+    shapes = {"base": lm(lms["base"]), "balm": lm(lms["balm"]), "ralm_phi": lm(lms["ralm"]) if lms["ralm"] else None,
+              "mlm": Shape(bit.n_layer, bit.d_model, bit.n_head)}
+    shapes["unit"], shapes["bit"] = shapes["base"], shapes["mlm"]
+    for variant in ("bit_star", "bit_large"):
+        cfg = getattr(ebm, variant)
+        shapes[variant] = _shape_of(resolver.config(cfg.init)[0]) if cfg is not None else None
+    return shapes
+
+
+def _mul(*xs: float | None) -> float | None:
+    out = 1.0
+    for x in xs:
+        if x is None:
+            return None
+        out *= x
+    return out
+
+
+def _add(*xs: float | None) -> float | None:
+    return None if any(x is None for x in xs) else float(sum(xs))
+
+
+def activations(batch: int, T: int, shape: Shape | None, precision: str) -> float | None:
+    """Activation bytes of one micro-batch kept for the backward pass (module docstring)."""
+    if shape is None:
+        return None
+    per_token = shape.layers * (34 * shape.d + 5 * shape.heads * T)
+    return batch * T * per_token * (1 if precision == "bf16" else 2)
+
+
+def _training(stage: str, trained: int | None, frozen: int, shape: Shape | None, optim: Any, T: int, vocab: int | None,
+              sequences_per_row: int, data: float | None, data_text: str, disk: float | None = None) -> MemoryRow:
+    micro = max(1, optim.batch_size // (optim.workers * optim.grad_accum)) * sequences_per_row
+    logits = _mul(micro, T, vocab, 8) if vocab else 0.0
+    worker = _add(_mul(16, trained), 4 * frozen, activations(micro, T, shape, optim.precision), logits, data)
+    driver = _add(_mul(4, trained), 4 * frozen, data) if optim.workers > 1 else worker
+    where = "GPU" if optim.use_gpu else "CPU"
+    count = f"{trained / 1e6:,.0f}M" if trained else "?"
+    basis = (f"16 B x {count} trained params, activations of {micro} sequences x T, {data_text}"
+             + (f"; {optim.workers} Ray Train workers on {where}" if optim.workers > 1 else ""))
+    return MemoryRow(stage, driver, worker, optim.workers if optim.workers > 1 else 0, disk, basis,
+                     gpu_workers=optim.use_gpu and optim.workers > 1)
+
+
+def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any], shapes: dict[str, Shape | None],
+                   vocab: int | None, ds: str) -> list[MemoryRow]:
+    """Every stage's peak for one dataset (None where a size is unknown)."""
+    tok, neg, ev, gen = (v.sections[k] for k in ("tokenize", "negatives", "evaluate", "generate"))
+    lms, ebm, mlm = v.sections["train_lm"], v.sections["train_ebm"], v.sections["pretrain_mlm"]
+    p, T = tok.prefix_len, tok.seq_len
+    L = T - p
+    w = windows or {}
+    tr, va = w.get("train"), w.get("valid")
+    cap = (lambda n: n if n is None or neg.windows is None else min(n, neg.windows))
+    P = {k: s.total for k, s in sizes.items()}
+    rows = [
+        MemoryRow("ingest", ROW_GROUP * 20_000.0, None, 0, None,
+                  f"a batch of {ROW_GROUP:,} documents per split writer (20 kB per document assumed)"),
+        MemoryRow("tokenize", _mul(ROW_GROUP, T, 8), None, 0, _mul(_add(*(w.get(s) for s in ("train", "valid", "test"))), T, 4),
+                  f"a row group of {ROW_GROUP:,} windows; BPE training adds its word counts (distinct words, "
+                  "not documents)"),
+    ]
+    for variant in ("base", "balm", "ralm"):
+        cfg = lms[variant]
+        if cfg is None or not cfg.optim.max_steps:
+            continue
+        whole = _mul(tr, T, 8)
+        if variant == "ralm":
+            rows.append(_training(f"train_lm_{variant}", P.get("ralm_phi"), P.get("base") or 0, shapes.get("ralm_phi"),
+                                  cfg.optim, T, vocab, 1, whole, "whole train split int64 (+ 4 B x the frozen base)"))
+        else:
+            rows.append(_training(f"train_lm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, vocab, 1,
+                                  whole, "whole train split int64"))
+
+    # negatives: the driver streams (a row group, the tasks in flight); each actor samples
+    s = shapes.get("base")
+    bytes_w = 2 if neg.dtype == "bfloat16" else 4
+    kv = None if s is None else neg.batch_samples * T * s.layers * 2 * s.d * bytes_w
+    actor = _add(_mul(bytes_w, P.get("base")), kv, _mul(neg.batch_samples, vocab, 8))
+    samples = neg.samples.get(ds, {})
+    n_max = max(samples.values(), default=1)
+    inflight = max(neg.num_workers, 1) * INFLIGHT * neg.shard_windows * (p * 8 + n_max * L * 8 + n_max * 12)
+    shards = _add(*(_mul(cap(w.get(split)), 1 / neg.shard_windows) for split in samples)) if samples else 0.0
+    driver = _add(ROW_GROUP * T * 8, inflight, _mul(shards, SHARD_BYTES))
+    disk = _add(*(_mul(cap(w.get(split)), n, L * 8 + 12) for split, n in samples.items())) if samples else 0.0
+    rows.append(MemoryRow("negatives", driver if neg.num_workers else _add(driver, actor), actor if neg.num_workers else None,
+                          neg.num_workers, disk, f"actor: LM weights + KV cache of {neg.batch_samples} samples x T; "
+                          f"driver: a row group + {INFLIGHT} shards in flight per actor",
+                          gpu_workers=neg.num_workers > 0 and neg.gpus_per_worker > 0))
+
+    if mlm is not None and ebm.bit is not None:
+        rows.append(_training("pretrain_mlm", P.get("mlm"), 0, shapes.get("mlm"), mlm.optim, T, vocab, 1,
+                              _mul(tr, T, 8), "whole train split int64"))
+    n_train = samples.get("train", 1)
+    for variant in ("unit", "bit", "bit_star", "bit_large"):
+        cfg = getattr(ebm, variant)
+        if cfg is None:
+            continue
+        ids = _mul(_add(cap(tr), va), 8)
+        store = _add(_mul(cap(tr), T, 4), _mul(cap(tr), n_train, L, 4))
+        rows.append(_training(f"train_ebm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, None, 2, ids,
+                              "8 B per window id (pairs read from the on-disk store)", disk=store))
+
+    # evaluate and generate: the models, one forward batch per worker, the per-prefix energies
+    energies = [P.get(e) for e in ev.energies]
+    weights = _mul(4, _add(P.get("base"), max((e for e in energies if e is not None), default=0)))
+    batch = neg.batch_samples * T * 8
+    workers = ev.num_workers if hasattr(ev, "num_workers") else 0
+    rows.append(MemoryRow("evaluate", _add(weights, _mul(w.get("test"), sum(ev.n_eval.values()), 8)), _add(weights, batch)
+                          if workers else None, workers, None,
+                          "the base LM + the largest energy, a forward batch; float64 energies per prefix and sample "
+                          "(the plan's evaluate note has the detail)"))
+    rows.append(MemoryRow("generate", _add(_mul(4, _add(P.get("base"), P.get(gen.energy))), batch), None, 0, None,
+                          "the base LM + its energy and a forward batch"))
+    return rows
+
+
+def fits(row: MemoryRow, ram: int) -> str:
+    """Whether the driver and one CPU worker each fit in `ram` ('yes', 'no', '?'); a GPU worker's
+    figure is for its GPU, said beside."""
+    need = [row.driver] + ([row.worker] if row.worker is not None and not row.gpu_workers else [])
+    verdict = "?" if any(x is None for x in need) else "yes" if max(need) <= ram else "no"
+    return f"{verdict}, worker on GPU" if row.gpu_workers else verdict
+
