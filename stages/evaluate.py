@@ -26,7 +26,7 @@ from pipeline.core.paths import DatasetPaths
 from pipeline.core.pool_stage import load_pool_stage
 from pipeline.core.seeds import log_z_seed
 from pipeline.core.variants import stage_name
-from pipeline.data.tokenization import read_windows, window_documents
+from pipeline.data.tokenization import WindowReader, window_documents
 from pipeline.estimation.evaluation import count_saved_parameters, evenly_spaced
 from pipeline.estimation.evaluation_summary import EvaluationInputs, summarise, write_evaluation
 from pipeline.estimation.evaluation_work import EvaluationWork
@@ -41,10 +41,10 @@ def run(
     cfg, tok, neg, seed, device = stage.cfg, stage.tok, stage.neg, stage.seed, stage.device
     paths = DatasetPaths(dataset, root)
 
-    window_ids, windows = read_windows(paths.windows_split("test"))
-    available = len(window_ids)
+    reader = WindowReader(paths.windows_split("test"))  # only the evaluated windows are read
+    available = reader.rows
     rows = evenly_spaced(cfg.windows or available, available)
-    window_ids, windows = window_ids[rows], windows[rows]
+    window_ids, windows = reader.take(rows)
     documents = window_documents(paths.windows_split("test"), window_ids)
     lm_dirs = {v: require_model(paths.lm(v), f"{stage_name(v)}@{dataset}") for v in cfg.lms}
     energy_dirs = {v: require_model(paths.energy(v), f"{stage_name(v)}@{dataset}") for v in cfg.energies}

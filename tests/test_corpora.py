@@ -13,6 +13,7 @@ from pipeline.core.config import FilesSource, HFSource, IngestConfig
 from pipeline.core.errors import RebmError
 from pipeline.core.io import read_table
 from pipeline.data.corpora import DOCS_SCHEMA, SPLITS, RawDocument, ingest_documents, iter_documents, split_of
+from tests.conftest import REPO
 
 INGEST = IngestConfig(valid_fraction=0.1, test_fraction=0.1)
 
@@ -104,6 +105,57 @@ def test_hf_source_missing_text_column_is_named(tmp_path: Path) -> None:
     _cc_news_layout(5).to_parquet(tmp_path / "x.parquet")
     spec = HFSource(source="hf", path="parquet", data_files=[str(tmp_path / "x.parquet")], text_column="body")
     with pytest.raises(RebmError, match=r"no column 'body' \(columns: title, text, domain"):
+        list(iter_documents(spec, INGEST))
+
+
+def test_paper_params_pin_script_free_hub_revisions() -> None:
+    """datasets >= 4 runs no loading scripts: each paper corpus names a repository, a revision and
+    Parquet data files (REFERENCES: vblagoje/cc_news's Parquet branch, bookcorpus's PR 6)."""
+    from pipeline.core.config import load_params
+
+    sources = load_params(REPO / "params" / "paper.yaml").datasets
+    assert (sources["news"].path, sources["news"].revision) == ("vblagoje/cc_news", "refs/convert/parquet")
+    assert (sources["fiction"].path, sources["fiction"].revision) == ("bookcorpus/bookcorpus", "refs/pr/6")
+    assert all(f.endswith(".parquet") for spec in sources.values() for f in spec.data_files)
+
+
+def test_hub_layouts_stream_from_a_local_directory(tmp_path: Path) -> None:
+    """The two paper corpora in their hub layouts, read with the paper's data_files and streaming:
+    CC-News's five Parquet files under plain_text/train/, Book Corpus's sentence rows joined into
+    documents across its file boundary, in file order."""
+    news = tmp_path / "vblagoje_cc_news"
+    (news / "plain_text" / "train").mkdir(parents=True)
+    frame = _cc_news_layout(20)
+    for part in range(2):
+        frame.iloc[part * 10 : (part + 1) * 10].to_parquet(news / "plain_text" / "train" / f"000{part}.parquet")
+    spec = HFSource(source="hf", path=str(news), data_files=["plain_text/train/*.parquet"], text_column="text",
+                    id_column="url", streaming=True)
+    docs = list(iter_documents(spec, INGEST))
+    assert [d.doc_id for d in docs] == [f"https://example.com/{i}" for i in range(20)]
+
+    books = tmp_path / "bookcorpus"
+    (books / "plain_text").mkdir(parents=True)
+    for part in range(2):
+        pd.DataFrame({"text": [f"sentence {i} ." for i in range(part * 7, part * 7 + 7)]}).to_parquet(
+            books / "plain_text" / f"train-0000{part}-of-00002.parquet")
+    spec = HFSource(source="hf", path=str(books), data_files=["plain_text/train-*.parquet"], rows_per_doc=5,
+                    streaming=True)
+    docs = list(iter_documents(spec, INGEST))
+    assert [d.text.splitlines() for d in docs] == [[f"sentence {i} ." for i in range(s, min(s + 5, 14))]
+                                                   for s in (0, 5, 10)]  # doc 2 spans both files
+
+
+def test_a_wrong_hub_id_revision_or_column_is_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network: the error must still name the source
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec = HFSource(source="hf", path="nobody/no-such-corpus", revision="refs/pr/99", data_files=["x/*.parquet"])
+    with pytest.raises(RebmError, match=r"hf dataset 'nobody/no-such-corpus' revision 'refs/pr/99'.*could not be loaded"):
+        list(iter_documents(spec, INGEST))
+    data = tmp_path / "d"
+    (data / "plain_text").mkdir(parents=True)
+    _cc_news_layout(3).to_parquet(data / "plain_text" / "0.parquet")
+    spec = HFSource(source="hf", path=str(data), data_files=["plain_text/*.parquet"], id_column="link")
+    with pytest.raises(RebmError, match=r"no column 'link' \(columns: title, text"):
         list(iter_documents(spec, INGEST))
 
 

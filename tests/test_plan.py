@@ -84,7 +84,7 @@ def test_paper_plan_text_output(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "training ≈ 6·N·tokens" in out and "2·N·(prefix tokens + new tokens)" in out
-    assert "== news (hf: cc_news" in out and "== fiction (hf: bookcorpus" in out
+    assert "== news (hf: vblagoje/cc_news" in out and "== fiction (hf: bookcorpus/bookcorpus" in out
     assert "640k" in out  # news train negatives: 1000 x 16 x 40 new tokens
     assert "10.2M" in out  # fiction: 2000 x 128 x 40
     assert "== per stage, all datasets" in out and "TOTAL" in out

@@ -39,8 +39,11 @@ class HFSource(Section):
     source: Literal["hf"]
     path: str
     name: str | None = None
+    # A branch, tag or commit of the hub repository (datasets >= 4 loads no loading scripts: pin
+    # one whose files are Parquet, e.g. the hub's `refs/convert/parquet`); None: the default branch.
+    revision: str | None = None
     split: str = "train"
-    data_files: list[str] | None = None
+    data_files: list[str] | None = None  # globs inside the repository (or local directory)
     text_column: str = "text"
     id_column: str | None = None
     streaming: bool = True

@@ -140,6 +140,17 @@ class StreamingTableWriter:
         self.close()
 
 
+def iter_record_batches(path: str | os.PathLike[str], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's rows as record batches of at most `batch_rows`, decoding one row group at a
+    time and dropping it before the next. (`ParquetFile.iter_batches` was measured to raise the
+    peak RSS with every row group it passes: 0.7 GB over 265k windows in `rebm bench scale`.)"""
+    reader = pq.ParquetFile(path)
+    for group in range(reader.metadata.num_row_groups):
+        table = reader.read_row_group(group, columns=columns)
+        yield from table.to_batches(max_chunksize=batch_rows)
+        del table
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """sha256 of a file's bytes, streamed."""
     digest = hashlib.sha256()

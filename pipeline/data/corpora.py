@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import BrownSource, FilesSource, HFSource, IngestConfig
 from pipeline.core.errors import RebmError
-from pipeline.core.io import StreamingTableWriter
+from pipeline.core.io import StreamingTableWriter, iter_record_batches
 from pipeline.data.brown import fetch_brown, iter_brown_documents
 
 SPLITS = ("train", "valid", "test")
@@ -97,10 +97,13 @@ def _decode(value: object) -> tuple[str | None, bool]:
 def _iter_hf(spec: HFSource) -> Iterator[RawDocument]:
     import datasets  # heavy import, only for this source
 
-    where = f"hf dataset '{spec.path}'" + (f" (config {spec.name})" if spec.name else "") + f" split '{spec.split}'"
+    where = (f"hf dataset '{spec.path}'" + (f" revision '{spec.revision}'" if spec.revision else "")
+             + (f" (config {spec.name})" if spec.name else "") + f" split '{spec.split}'"
+             + (f" data_files {spec.data_files}" if spec.data_files else ""))
     try:
         ds = datasets.load_dataset(
-            spec.path, spec.name, split=spec.split, streaming=spec.streaming, data_files=spec.data_files
+            spec.path, spec.name, split=spec.split, streaming=spec.streaming, data_files=spec.data_files,
+            revision=spec.revision,
         )
     except Exception as exc:  # datasets raises many types; the user needs the source named
         raise RebmError(f"{where}: could not be loaded: {type(exc).__name__}: {exc}") from exc
@@ -170,7 +173,7 @@ def _iter_one_file(path: Path, text_column: str) -> Iterator[RawDocument]:
         if text_column not in pf.schema_arrow.names:
             raise RebmError(f"{path}: no column '{text_column}' (columns: {', '.join(pf.schema_arrow.names)})")
         row = 0
-        for batch in pf.iter_batches(columns=[text_column]):
+        for batch in iter_record_batches(path, [text_column], 1024):
             for value in batch.column(0).to_pylist():
                 text, repaired = _decode(value)
                 yield RawDocument(f"{path}:{row}", text, "files:parquet", repaired)

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipeline.core.errors import RebmError
-from pipeline.core.io import StreamingTableWriter
+from pipeline.core.io import StreamingTableWriter, iter_record_batches
 
 END_OF_DOCUMENT = "<|endoftext|>"
 
@@ -40,7 +40,7 @@ _ENCODE_BATCH = 256
 
 def iter_texts(docs_path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, str]]:
     """(doc_id, text) pairs of a docs Parquet file, streamed."""
-    for batch in pq.ParquetFile(docs_path).iter_batches(batch_size=batch_rows, columns=["doc_id", "text"]):
+    for batch in iter_record_batches(docs_path, ["doc_id", "text"], batch_rows):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
 
 
@@ -216,6 +216,14 @@ class WindowReader:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
         return np.concatenate(ids), np.concatenate(tokens)
 
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(window ids, token ids) of the given rows, in that order (ascending rows decode each row
+        group once)."""
+        picked = [self.read(int(r), 1) for r in rows]
+        if not picked:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+        return np.concatenate([p[0] for p in picked]), np.concatenate([p[1] for p in picked])
+
     def blocks(self, size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first row, window ids, token ids) of consecutive blocks of `size` rows (the last may be shorter)."""
         for start in range(0, self.rows, size):
@@ -237,12 +245,20 @@ def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def window_documents(path: Path, window_ids: np.ndarray) -> np.ndarray:
-    """The doc_id [len(window_ids)] (str) of each of `window_ids` in one split, read from the
-    window_id and doc_id columns only (schema-checked)."""
-    from pipeline.core.io import read_table
+    """The doc_id [len(window_ids)] (str) of each of `window_ids` in one split, streamed from the
+    window_id and doc_id columns (schema-checked): memory holds a batch and the wanted ids only."""
+    from pipeline.core.io import check_schema
 
-    table = read_table(path, WINDOWS_SCHEMA, columns=["window_id", "doc_id"])
-    document_of = dict(zip(table.column("window_id").to_pylist(), table.column("doc_id").to_pylist()))
+    check_schema(path, WINDOWS_SCHEMA, ["window_id", "doc_id"])
+    wanted = {int(w) for w in window_ids}
+    document_of: dict[int, str] = {}
+    for batch in iter_record_batches(path, ["window_id", "doc_id"], 4096):
+        ids = batch.column(0).to_numpy()
+        for i in np.flatnonzero(np.isin(ids, list(wanted))):
+            document_of[int(ids[i])] = batch.column(1)[int(i)].as_py()
+    missing = wanted - set(document_of)
+    if missing:
+        raise RebmError(f"{path}: no window {min(missing)} in column 'window_id'")
     return np.asarray([document_of[int(w)] for w in window_ids], dtype=object)
 
 

@@ -45,11 +45,12 @@ class GenerationWork:
 
     @classmethod
     def for_test_split(cls, windows_file: Path, cfg: GenerateConfig, **kwargs: Any) -> GenerationWork:
-        from pipeline.data.tokenization import read_windows
+        from pipeline.data.tokenization import WindowReader
 
-        all_ids, all_windows = read_windows(windows_file)
-        rows = evenly_spaced(cfg.windows, len(all_ids)) if cfg.windows else np.arange(len(all_ids))
-        return cls(all_ids[rows], np.ascontiguousarray(all_windows[rows], dtype=np.int64), cfg=cfg, **kwargs)
+        reader = WindowReader(windows_file)  # only the windows generated from are read
+        rows = evenly_spaced(cfg.windows, reader.rows) if cfg.windows else np.arange(reader.rows)
+        ids, windows = reader.take(rows)
+        return cls(ids, np.ascontiguousarray(windows, dtype=np.int64), cfg=cfg, **kwargs)
 
     def _timed(self, name: str, started: float) -> None:
         self.wall[name] = time.perf_counter() - started

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.errors import RebmError
-from pipeline.core.io import check_schema
+from pipeline.core.io import check_schema, iter_record_batches
 from pipeline.data.tokenization import WINDOWS_SCHEMA
 from pipeline.sampling.negatives import NEGATIVES_SCHEMA, SHARD_RE
 
@@ -45,8 +44,7 @@ STORE_ENV = "REBM_NCE_STORE"  # parent directory of the stores (default: the sta
 def _record_batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterator[pa.RecordBatch]:
     for path in files:
         check_schema(path, schema, columns)
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, columns=columns):
-            yield batch
+        yield from iter_record_batches(path, columns, READ_ROWS)
 
 
 def _tokens(batch: pa.RecordBatch, column: str, width: int, where: Path) -> np.ndarray:
