@@ -20,7 +20,6 @@ size's peak within 1.3x of the smallest's for every stage (`flat` in the result)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -198,8 +197,7 @@ def measure(stage: str, project: Path) -> tuple[float, dict, float]:
     """(peak RSS MiB, the stage's summary, seconds) of `stage` in a fresh Python process."""
     code = f"from pipeline.tools.bench_scale import child; child({stage!r}, {str(project)!r})"
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=os.environ | {"TOKENIZERS_PARALLELISM": "false"}, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RebmError(f"bench scale: {stage} failed on {project}:\n{stderr[-3000:]}")
