@@ -21,6 +21,7 @@ from pipeline.models.lm import count_parameters, load_tokenizer
 from pipeline.models.mlm import build_mlm, mlm_tokenizer
 from pipeline.training.distributed import cluster_for, training_device
 from pipeline.training.mlm import pretrain_mlm
+from pipeline.training.token_store import load_window_rows, remove_stale_stores
 from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
 
@@ -34,7 +35,9 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
                                    started=started)
     arch = load_subsection(EncoderArch, "energy.bit", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
-    train_ids = torch.from_numpy(read_window_ids(paths.windows_split("train")))
+    scratch, store = paths.mlm_checkpoint.parent, "mlm-windows"  # the train split, read by rows from disk
+    remove_stale_stores(scratch, store)
+    train_ids = load_window_rows(paths.windows_split("train"), scratch, store)
     valid_ids = torch.from_numpy(read_window_ids(paths.windows_split("valid")))
 
     tokenizer = mlm_tokenizer(load_tokenizer(paths.tokenizer, "pretrain_mlm"))
@@ -46,7 +49,7 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
             model, tokenizer, train_ids, valid_ids, cfg,
             seed=seed, checkpoint_dir=paths.mlm_checkpoint, device=train_device,
             fingerprint=fingerprint(cfg.model_dump(mode="json"), arch.model_dump(mode="json"), seed,
-                                    train_ids.numpy()),
+                                    train_ids.digest()),
             desc=f"{dataset}/mlm",
         )
     metrics = {

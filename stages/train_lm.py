@@ -30,6 +30,7 @@ from pipeline.core.variants import check_variant
 from pipeline.data.tokenization import read_window_ids
 from pipeline.training.causal import assemble_lm, heldout_perplexity, train_causal_lm
 from pipeline.training.distributed import cluster_for, training_device
+from pipeline.training.token_store import load_window_rows, remove_stale_stores
 from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
 
@@ -45,7 +46,11 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
                                    metrics_path=paths.lm_metrics(variant), started=started)
     seed, device = load_seed(params), resolve_device(load_device(params))
     prefix_len = load_section(TokenizeConfig, "tokenize", params).prefix_len
-    splits = {split: read_window_ids(paths.windows_split(split)) for split in ("train", "valid", "test")}
+    # The train split is read by rows from an on-disk store; valid and test (small) are held.
+    scratch, store = paths.lm_checkpoint(variant).parent, f"{variant}-windows"
+    remove_stale_stores(scratch, store)
+    splits = {"train": load_window_rows(paths.windows_split("train"), scratch, store),
+              **{split: read_window_ids(paths.windows_split(split)) for split in ("valid", "test")}}
     seq_len = splits["train"].shape[1]
     if not 0 < prefix_len < seq_len:
         raise RebmError(f"tokenize.prefix_len={prefix_len} must be below the windows' length {seq_len} "
@@ -64,7 +69,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         result = train_causal_lm(
             lm.model, splits["train"], splits["valid"], prefix_len, cfg.optim,
             seed=seed, device=train_device, checkpoint_dir=paths.lm_checkpoint(variant),
-            fingerprint=fingerprint(cfg.model_dump(mode="json"), seed, prefix_len, lm.depends_on, splits["train"]),
+            fingerprint=fingerprint(cfg.model_dump(mode="json"), seed, prefix_len, lm.depends_on, splits["train"].digest()),
             desc=f"{dataset}/{variant}",
         )
     metrics = {

@@ -257,8 +257,8 @@ def memory_by(plan: dict, dataset: str) -> dict[str, dict]:
 
 def test_paper_plan_states_memory_per_stage_and_streaming_stages_stay_flat(tmp_path: Path) -> None:
     """Every stage gets a driver / per-worker / disk estimate; with 100x the train windows the
-    streaming stages' driver grows only by their per-shard and per-window records, while the disk
-    (negatives, the NCE store) grows 100x; by hand for the negatives actor and the base LM's worker."""
+    stages' memory grows only by their per-shard and per-window records, while the disk
+    (negatives, the stores) grows 100x; by hand for the negatives actor."""
     plans = {}
     for train in (10_000, 1_000_000):
         result = invoke(str(PAPER), "--windows", f"news={train},100,10", "--windows", "fiction=2k,200,20",
@@ -276,9 +276,9 @@ def test_paper_plan_states_memory_per_stage_and_streaming_stages_stay_flat(tmp_p
     assert large["negatives"]["disk"] - small["negatives"]["disk"] == pytest.approx(990_000 * n * (L * 8 + 12))
     assert large["train_ebm_bit"]["worker"] - small["train_ebm_bit"]["worker"] == 990_000 * 8  # one id per window
     assert large["train_ebm_bit"]["disk"] == pytest.approx(100 * small["train_ebm_bit"]["disk"], rel=1e-9)
-    # the LM stages still read their whole train split: the estimate says so and grows with it
-    assert "whole train split" in small["train_lm_base"]["basis"]
-    assert large["train_lm_base"]["worker"] - small["train_lm_base"]["worker"] == 990_000 * T * 8
+    # the LM stages read their train split by rows from a store: memory flat, disk 4 B per token
+    assert large["train_lm_base"]["worker"] == small["train_lm_base"]["worker"]
+    assert large["train_lm_base"]["disk"] - small["train_lm_base"]["disk"] == 990_000 * T * 4
     assert small["train_lm_base"]["fits_this_machine"].endswith("worker on GPU")
     text = invoke(str(PAPER), "--windows", "news=1M,100,10", "--windows", "fiction=2k,200,20", "--root", str(tmp_path))
     assert "memory at the peak" in text.output and "fits here" in text.output

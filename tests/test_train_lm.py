@@ -277,6 +277,34 @@ def project(in_tmp: Path) -> Path:
     return in_tmp
 
 
+def test_window_rows_read_the_train_split_by_rows_like_the_array(tmp_path: Path) -> None:
+    """The LM stages' train split: an on-disk store whose batches equal the in-memory array's, bit
+    for bit, that pickles as a path (a Ray Train worker reads its own rows) and goes with its data."""
+    import gc
+    import pickle
+
+    from pipeline.data.tokenization import read_window_ids
+    from pipeline.training.ebm_data import load_window_rows
+
+    words = "the a cat dog sat ran on under mat log and then".split()
+    texts = [" ".join(np.random.default_rng(i).choice(words, 40)) for i in range(12)]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1)
+    path = tmp_path / "train.parquet"
+    write_windows(path, "train", tokenizer, [(f"d{i}", t) for i, t in enumerate(texts)], T, T)
+    array = read_window_ids(path)
+    rows = load_window_rows(path, tmp_path, "w")
+    assert rows.shape == array.shape and rows.max() == int(array.max())
+    for epoch in (0, 1):
+        a, b = ShuffledBatches(torch.from_numpy(array), 4, 7, epoch), ShuffledBatches(rows, 4, 7, epoch)
+        assert len(a) == len(b) and all(torch.equal(a[i], b[i]) and b[i].dtype == torch.int64 for i in range(len(a)))
+    copy = pickle.loads(pickle.dumps(rows))
+    assert len(pickle.dumps(rows)) < 1000 and torch.equal(copy[torch.arange(3)], torch.from_numpy(array[:3]))
+    store = rows.store
+    del rows, copy, a, b
+    gc.collect()
+    assert not store.exists()
+
+
 def test_rebm_train_lm_writes_models_metrics_and_curves(project: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["train-lm", "tiny", "ralm"])

@@ -11,9 +11,8 @@ training    16 bytes per trained parameter (fp32 weights, gradients, AdamW's two
             gradient, batch · T · |V| · 4 · 2.
 sampling    the LM's weights plus a KV cache of batch_samples · T · layers · 2 · d values and
             the last position's logits, batch_samples · |V| · 4 · 2.
-data        what the stage reads stays bounded (a Parquet row group, the tasks in flight, an
-            8-byte id per window) except where a row says "whole split", which is the size of
-            that split in memory.
+data        what the stage reads stays bounded: a Parquet row group, the tasks in flight, an
+            8-byte id per window; training splits are read by rows from on-disk stores (disk).
 Each estimate is a rule of thumb (allocator slack, the framework's own ~0.5 GB and CUDA's
 context are not in it): read it as "fits" or "does not fit", not to the megabyte.
 """
@@ -138,13 +137,14 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
         cfg = lms[variant]
         if cfg is None or not cfg.optim.max_steps:
             continue
-        whole = _mul(tr, T, 8)
+        store = _mul(tr, T, 4)  # the train split, read by rows from an on-disk int32 store
         if variant == "ralm":
             rows.append(_training(f"train_lm_{variant}", P.get("ralm_phi"), P.get("base") or 0, shapes.get("ralm_phi"),
-                                  cfg.optim, T, vocab, 1, whole, "whole train split int64 (+ 4 B x the frozen base)"))
+                                  cfg.optim, T, vocab, 1, 0.0, "train windows read by rows from disk (+ 4 B x the "
+                                  "frozen base)", disk=store))
         else:
             rows.append(_training(f"train_lm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, vocab, 1,
-                                  whole, "whole train split int64"))
+                                  0.0, "train windows read by rows from disk", disk=store))
 
     # negatives: the driver streams (a row group, the tasks in flight); each actor samples
     s = shapes.get("base")
@@ -164,7 +164,7 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
 
     if mlm is not None and ebm.bit is not None:
         rows.append(_training("pretrain_mlm", P.get("mlm"), 0, shapes.get("mlm"), mlm.optim, T, vocab, 1,
-                              _mul(tr, T, 8), "whole train split int64"))
+                              0.0, "train windows read by rows from disk", disk=_mul(tr, T, 4)))
     n_train = samples.get("train", 1)
     for variant in ("unit", "bit", "bit_star", "bit_large"):
         cfg = getattr(ebm, variant)

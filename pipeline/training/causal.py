@@ -41,6 +41,7 @@ from pipeline.models.lm import (
 )
 from pipeline.models.sources import resolve_model_source
 from pipeline.training.loop import ShuffledBatches, TrainResult
+from pipeline.training.token_store import WindowRows
 from pipeline.training.trainer import train
 
 
@@ -75,7 +76,7 @@ def assemble_lm(
     variant: str,
     cfg: LMVariantConfig | RalmConfig,
     paths: DatasetPaths,
-    train_ids: np.ndarray,
+    train_ids: np.ndarray | WindowRows,
     *,
     base_cfg: LMVariantConfig | None = None,
     bit_arch: EncoderArch | None = None,
@@ -124,7 +125,7 @@ def assemble_lm(
 
 def train_causal_lm(
     model: torch.nn.Module,
-    train_ids: np.ndarray,
+    train_ids: np.ndarray | WindowRows,
     valid_ids: np.ndarray,
     prefix_len: int,
     optim: OptimConfig,
@@ -140,7 +141,8 @@ def train_causal_lm(
     if optim.max_steps == 0:
         return TrainResult(steps=0, tokens=0, train_seconds=0.0, best_valid=float("nan"), best_step=0, curve=[],
                            resumed_from=0)
-    train_rows = torch.from_numpy(train_ids)
+    # a WindowRows store (the stage: read by rows) or an array (tests, benches)
+    train_rows = train_ids if isinstance(train_ids, WindowRows) else torch.from_numpy(train_ids)
     valid_rows = torch.from_numpy(valid_ids)
 
     def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -21,42 +21,28 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from pipeline.core.errors import RebmError
-from pipeline.core.io import check_schema, iter_record_batches
-from pipeline.data.tokenization import WINDOWS_SCHEMA
 from pipeline.sampling.negatives import NEGATIVES_SCHEMA, SHARD_RE
+from pipeline.training.token_store import (
+    TOKEN_BYTES,
+    StoreOwner,
+    WindowRows,
+    load_window_rows,
+    read_rows,
+    record_batches,
+    remove_stale_stores,
+    store_directory,
+    tokens_of,
+    write_windows_store,
+)
 
-READ_ROWS = 4096  # Parquet rows per streamed record batch: the bound on what a build holds
-TOKEN_BYTES = 4  # int32 on disk and in every batch until the model's embedding
-STORE_ENV = "REBM_NCE_STORE"  # parent directory of the stores (default: the stage's scratch)
-
-
-def _record_batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    for path in files:
-        check_schema(path, schema, columns)
-        yield from iter_record_batches(path, columns, READ_ROWS)
-
-
-def _tokens(batch: pa.RecordBatch, column: str, width: int, where: Path) -> np.ndarray:
-    """The list<int> column as int32 [rows, width]; every row must hold `width` tokens."""
-    values = batch.column(column)
-    lengths = np.diff(values.offsets.to_numpy())
-    if (lengths != width).any():
-        raise RebmError(f"{where}: column '{column}' has rows of {int(lengths[lengths != width][0])} tokens, "
-                        f"expected {width}")
-    flat = values.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    start = values.offsets[0].as_py()
-    return flat[start : start + len(values) * width].reshape(len(values), width)
+__all__ = ["NCEData", "WindowRows", "load_nce_data", "load_window_rows", "nce_data_from_arrays", "remove_stale_stores"]
 
 
 def _write_runs(fd: int, slots: np.ndarray, rows: np.ndarray, row_bytes: int) -> None:
@@ -66,19 +52,6 @@ def _write_runs(fd: int, slots: np.ndarray, rows: np.ndarray, row_bytes: int) ->
     breaks = np.flatnonzero(np.diff(slots) != 1) + 1
     for run_slots, run_rows in zip(np.split(slots, breaks), np.split(rows, breaks), strict=True):
         os.pwrite(fd, np.ascontiguousarray(run_rows).tobytes(), int(run_slots[0]) * row_bytes)
-
-
-def _read_rows(path: Path, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Rows of a flat int32 file of row shape `shape`, in the given order: [len(rows), *shape]."""
-    row_bytes = int(np.prod(shape)) * TOKEN_BYTES
-    out = np.empty((len(rows), *shape), dtype=np.int32)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for i, r in enumerate(np.asarray(rows, dtype=np.int64)):
-            out[i] = np.frombuffer(os.pread(fd, row_bytes, int(r) * row_bytes), dtype=np.int32).reshape(shape)
-    finally:
-        os.close(fd)
-    return out
 
 
 @dataclass
@@ -117,12 +90,12 @@ class NCEData:
 
     def windows(self, rows: np.ndarray) -> np.ndarray:
         """Token ids of the given rows' real windows: int32 [B, T]."""
-        return _read_rows(self.store / "windows.i32", self._store_rows(rows), (self.seq_len,))
+        return read_rows(self.store / "windows.i32", self._store_rows(rows), (self.seq_len,))
 
     def negatives(self, rows: np.ndarray, sample_idx: np.ndarray) -> np.ndarray:
         """Continuation `sample_idx[i]` of row `rows[i]`: int32 [B, T − p]."""
         flat = self._store_rows(rows) * self.samples_per_prefix + np.asarray(sample_idx, dtype=np.int64)
-        return _read_rows(self.store / "negatives.i32", flat, (self.seq_len - self.prefix_len,))
+        return read_rows(self.store / "negatives.i32", flat, (self.seq_len - self.prefix_len,))
 
     def draw_samples(self, rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
         """Uniform sample index per row, from (seed, epoch, window_id) only."""
@@ -144,25 +117,6 @@ class NCEData:
     def digest(self) -> str:
         """What identifies the data of a training run (its checkpoints' fingerprint)."""
         return (self.store / "digest").read_text(encoding="utf-8")
-
-
-class _StoreOwner:
-    """Held by every view of one store (`NCEData.subset`); the directory goes with the last of them."""
-
-    def __init__(self, directory: Path):
-        self.finalizer = weakref.finalize(self, shutil.rmtree, directory, True)
-
-
-def _store_directory(scratch: Path | None, name: str) -> Path:
-    parent = Path(os.environ.get(STORE_ENV) or scratch or tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))  # *.tmp-* is git-ignored
-
-
-def remove_stale_stores(scratch: Path, name: str) -> None:
-    """Stores a killed run left behind (a finished run removes its own)."""
-    for stale in Path(scratch).glob(f".{name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 class _RowIndex:
@@ -190,28 +144,6 @@ def _sampled_windows(negatives_dir: Path) -> int | None:
     return int(json.loads(manifest.read_text(encoding="utf-8"))["splits"][negatives_dir.name]["windows"])
 
 
-def _write_windows(windows_path: Path, directory: Path, digest, limit: int | None) -> tuple[np.ndarray, int]:
-    """Stream the first `limit` windows (all: None) into windows.i32: (window ids in row order, T)."""
-    ids, seq_len, left = [], None, limit
-    with open(directory / "windows.i32", "wb") as out:
-        for batch in _record_batches([windows_path], WINDOWS_SCHEMA, ["window_id", "input_ids"]):
-            if left is not None:
-                if left <= 0:
-                    break
-                batch, left = batch.slice(0, left), left - min(left, len(batch))
-            column = batch.column("input_ids")
-            seq_len = seq_len if seq_len is not None else (len(column[0]) if len(column) else None)
-            if seq_len is None:
-                continue
-            tokens = _tokens(batch, "input_ids", seq_len, windows_path)
-            out.write(tokens.tobytes())
-            digest.update(tokens.tobytes())
-            ids.append(batch.column("window_id").to_numpy().astype(np.int64))
-    if seq_len is None or not ids:
-        raise RebmError(f"{windows_path}: no windows")
-    return np.concatenate(ids), seq_len
-
-
 def _samples_per_window(files: list[Path], row_of: _RowIndex, window_ids: np.ndarray, negatives_dir: Path) -> int:
     """n, after checking from the index columns alone that every window has samples 0 … n − 1 once.
 
@@ -220,7 +152,7 @@ def _samples_per_window(files: list[Path], row_of: _RowIndex, window_ids: np.nda
     """
     counts, sums, squares = (np.zeros(len(window_ids), dtype=np.int64) for _ in range(3))
     n = 0
-    for batch in _record_batches(files, NEGATIVES_SCHEMA, ["window_id", "sample_idx"]):
+    for batch in record_batches(files, NEGATIVES_SCHEMA, ["window_id", "sample_idx"]):
         rows = row_of(batch.column("window_id").to_numpy().astype(np.int64))
         idx = batch.column("sample_idx").to_numpy().astype(np.int64)
         n = max(n, int(idx.max()) + 1 if len(idx) else 0)
@@ -243,10 +175,10 @@ def _write_negatives(files: list[Path], row_of: _RowIndex, windows: int, n: int,
     fd = os.open(directory / "negatives.i32", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, windows * n * row_bytes)
-        for batch in _record_batches(files, NEGATIVES_SCHEMA, ["window_id", "sample_idx", "token_ids"]):
+        for batch in record_batches(files, NEGATIVES_SCHEMA, ["window_id", "sample_idx", "token_ids"]):
             rows = row_of(batch.column("window_id").to_numpy().astype(np.int64))
             slots = rows * n + batch.column("sample_idx").to_numpy().astype(np.int64)
-            tokens = _tokens(batch, "token_ids", cont_len, negatives_dir)
+            tokens = tokens_of(batch, "token_ids", cont_len, negatives_dir)
             _write_runs(fd, slots, tokens, row_bytes)
             digest.update(slots.tobytes())
             digest.update(tokens.tobytes())
@@ -263,10 +195,10 @@ def load_nce_data(windows_path: Path, negatives_dir: Path, prefix_len: int, limi
     files = sorted(p for p in negatives_dir.glob("shard-*.parquet") if SHARD_RE.match(p.name))
     if not files:
         raise RebmError(f"{negatives_dir}: no negatives shards (has the negatives stage run?)")
-    directory = _store_directory(scratch, name)
+    directory = store_directory(scratch, name)
     try:
         digest = hashlib.sha256()
-        window_ids, seq_len = _write_windows(windows_path, directory, digest, _sampled_windows(negatives_dir))
+        window_ids, seq_len = write_windows_store(windows_path, directory, digest, _sampled_windows(negatives_dir))
         row_of = _RowIndex(window_ids, negatives_dir, windows_path)
         n = _samples_per_window(files, row_of, window_ids, negatives_dir)
         _write_negatives(files, row_of, len(window_ids), n, seq_len - prefix_len, directory, negatives_dir, digest)
@@ -274,7 +206,7 @@ def load_nce_data(windows_path: Path, negatives_dir: Path, prefix_len: int, limi
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    data = NCEData(directory, window_ids, seq_len, prefix_len, n, _cleanup=_StoreOwner(directory))
+    data = NCEData(directory, window_ids, seq_len, prefix_len, n, _cleanup=StoreOwner(directory))
     return data.head(limit)
 
 
