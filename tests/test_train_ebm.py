@@ -115,10 +115,10 @@ def in_memory(windows_path: Path, negatives_dir: Path) -> tuple[np.ndarray, np.n
 def test_the_store_gives_the_in_memory_batches_bit_for_bit(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Streamed through record batches of 5 rows (shards are many times that), the store's batches
     are those of the split read whole: same windows, same drawn sample, same order."""
-    from pipeline.training import ebm_data
+    from pipeline.training import token_store
     from pipeline.training.loop import epoch_permutation
 
-    monkeypatch.setattr(ebm_data, "READ_ROWS", 5)
+    monkeypatch.setattr(token_store, "READ_ROWS", 5)
     paths = toy / "data/toy/windows/train.parquet", toy / "data/toy/negatives/train"
     data = load_nce_data(*paths, PREFIX)
     ids, windows, negatives = in_memory(*paths)
@@ -142,18 +142,19 @@ def test_building_the_store_holds_a_bounded_number_of_rows(toy: Path, tmp_path: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.training import ebm_data
+    from pipeline.training import ebm_data, token_store
 
-    monkeypatch.setattr(ebm_data, "READ_ROWS", 64)
+    monkeypatch.setattr(token_store, "READ_ROWS", 64)
     seen = []
-    real_batches = ebm_data._record_batches
+    real_batches = token_store.record_batches
 
     def spy(files, schema, columns):
         for batch in real_batches(files, schema, columns):
             seen.append(batch.num_rows)
             yield batch
 
-    monkeypatch.setattr(ebm_data, "_record_batches", spy)
+    monkeypatch.setattr(ebm_data, "record_batches", spy)  # the negatives' passes
+    monkeypatch.setattr(token_store, "record_batches", spy)  # the windows' pass
     windows = toy / "data/toy/windows/train.parquet"
     negatives = pq.read_table(toy / "data/toy/negatives/train")
     index = negatives.schema.get_field_index("sample_idx")

@@ -25,7 +25,7 @@ from pipeline.data.tokenization import WINDOWS_SCHEMA
 
 READ_ROWS = 4096  # Parquet rows per streamed record batch: the bound on what a build holds
 TOKEN_BYTES = 4  # int32 on disk and in every batch until the model's embedding
-STORE_ENV = "REBM_NCE_STORE"  # parent directory of the stores (default: the stage's scratch)
+STORE_ENV = "REBM_NCE_STORE"  # parent directory of every store, NCE and LM (default: the stage's scratch)
 
 
 def record_batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterator[pa.RecordBatch]:
