@@ -214,6 +214,8 @@ class WindowReader:
             start, group = int(self.group_start[group]) + hi, group + 1
         if not ids:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+        if len({t.shape[1] for t in tokens}) > 1:
+            raise RebmError(f"{self.path}: column 'input_ids' has rows of different lengths")
         return np.concatenate(ids), np.concatenate(tokens)
 
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,17 +233,10 @@ class WindowReader:
 
 
 def read_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(window ids int64 [N], token ids int64 [N, seq_len]) of one split, schema-checked."""
-    from pipeline.core.io import read_table
-
-    table = read_table(path, WINDOWS_SCHEMA, columns=["window_id", "input_ids"])
-    column = table.column("input_ids").combine_chunks()
-    lengths = np.diff(column.offsets.to_numpy())
-    if len(lengths) and (lengths != lengths[0]).any():
-        raise RebmError(f"{path}: column 'input_ids' has rows of different lengths")
-    flat = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    ids = flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
-    return table.column("window_id").to_numpy().astype(np.int64), ids
+    """(window ids int64 [N], token ids int64 [N, seq_len]) of one whole split, schema-checked: for
+    the small splits and the tools; the stages read by rows (`WindowReader`)."""
+    reader = WindowReader(path)
+    return reader.read(0, reader.rows)
 
 
 def window_documents(path: Path, window_ids: np.ndarray) -> np.ndarray:
@@ -251,10 +246,11 @@ def window_documents(path: Path, window_ids: np.ndarray) -> np.ndarray:
 
     check_schema(path, WINDOWS_SCHEMA, ["window_id", "doc_id"])
     wanted = {int(w) for w in window_ids}
+    wanted_ids = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
     document_of: dict[int, str] = {}
     for batch in iter_record_batches(path, ["window_id", "doc_id"], 4096):
         ids = batch.column(0).to_numpy()
-        for i in np.flatnonzero(np.isin(ids, list(wanted))):
+        for i in np.flatnonzero(np.isin(ids, wanted_ids)):
             document_of[int(ids[i])] = batch.column(1)[int(i)].as_py()
     missing = wanted - set(document_of)
     if missing:

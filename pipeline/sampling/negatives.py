@@ -190,23 +190,31 @@ def plan_shards(
     return shards
 
 
-def shard_table(shard: Shard, result: dict[str, np.ndarray], window_ids: np.ndarray) -> pa.Table:
-    tokens = np.ascontiguousarray(result["tokens"], dtype=np.int32)  # [S, n, L]
-    token_lp = np.ascontiguousarray(result["token_logprobs"], dtype=np.float32)
+def negatives_table(window_ids: np.ndarray, tokens: np.ndarray, token_logprobs: np.ndarray,
+                    logprob: np.ndarray) -> pa.Table:
+    """Rows of NEGATIVES_SCHEMA from n samples per window: tokens [S, n, L], their per-token and
+    summed LM log-probs; sample_idx 0 … n − 1 per window."""
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+    token_lp = np.ascontiguousarray(token_logprobs, dtype=np.float32)
     S, n, L = tokens.shape
-    if S != shard.count or n != shard.spec.n or L != shard.spec.new_tokens:
-        raise RuntimeError(f"shard {shard.split}/{shard.index}: worker returned shape {tokens.shape}")
     offsets = pa.array(np.arange(0, S * n * L + 1, L, dtype=np.int32))
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [
             pa.array(np.repeat(window_ids, n), pa.int64()),
             pa.array(np.tile(np.arange(n, dtype=np.int32), S), pa.int32()),
             pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1))),
-            pa.array(np.asarray(result["logprob"], dtype=np.float64).reshape(-1)),
+            pa.array(np.asarray(logprob, dtype=np.float64).reshape(-1)),
             pa.ListArray.from_arrays(offsets, pa.array(token_lp.reshape(-1))),
         ],
         schema=NEGATIVES_SCHEMA,
     )
+
+
+def shard_table(shard: Shard, result: dict[str, np.ndarray], window_ids: np.ndarray) -> pa.Table:
+    S, n, L = np.shape(result["tokens"])
+    if S != shard.count or n != shard.spec.n or L != shard.spec.new_tokens:
+        raise RuntimeError(f"shard {shard.split}/{shard.index}: worker returned shape {(S, n, L)}")
+    table = negatives_table(window_ids, result["tokens"], result["token_logprobs"], result["logprob"])
     meta = {"fingerprint": shard.fingerprint, "split": shard.split, "shard": shard.index, **asdict(shard.spec)}
     return table.replace_schema_metadata({FINGERPRINT_KEY: json.dumps(meta, sort_keys=True).encode()})
 

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -87,7 +86,7 @@ def write_corpus(project: Path, tokenizer_dir: Path, train_tokens: int, seed: in
 def write_negatives(project: Path, prefix_len: int, seed: int = 0) -> None:
     """One random continuation per train and valid window, as the negatives stage's shards and manifest."""
     from pipeline.data.tokenization import WindowReader
-    from pipeline.sampling.negatives import NEGATIVES_SCHEMA, shard_name
+    from pipeline.sampling.negatives import negatives_table, shard_name
 
     paths = paths_of(project)
     rng = np.random.default_rng(seed)
@@ -97,12 +96,8 @@ def write_negatives(project: Path, prefix_len: int, seed: int = 0) -> None:
         paths.negatives_split(split).mkdir(parents=True, exist_ok=True)
         for index, (_, ids, tokens) in enumerate(reader.blocks(4096)):
             L, k = tokens.shape[1] - prefix_len, len(ids)
-            flat = pa.array(rng.integers(1, int(tokens.max()) + 1, k * L).astype(np.int32))
-            offsets = pa.array(np.arange(0, k * L + 1, L, dtype=np.int32))
-            table = pa.Table.from_arrays(
-                [pa.array(ids), pa.array(np.zeros(k, np.int32)), pa.ListArray.from_arrays(offsets, flat),
-                 pa.array(np.zeros(k)), pa.ListArray.from_arrays(offsets, pa.array(np.zeros(k * L, np.float32)))],
-                schema=NEGATIVES_SCHEMA)
+            sampled = rng.integers(1, int(tokens.max()) + 1, (k, 1, L))
+            table = negatives_table(ids, sampled, np.zeros((k, 1, L)), np.zeros((k, 1)))
             pq.write_table(table, paths.negatives_split(split) / shard_name(index))
         manifest["splits"][split] = {"windows": reader.rows, "n": 1, "rows": reader.rows}
     write_json(paths.negatives / "manifest.json", manifest)

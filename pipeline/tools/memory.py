@@ -80,8 +80,9 @@ def model_shapes(v: Any, resolver: Any) -> dict[str, Shape | None]:
     return shapes
 
 
-def _mul(*xs: float | None) -> float | None:
-    out = 1.0
+def _mul(*xs: float | int | None) -> float | int | None:
+    """Product, None when any factor is unknown (shared with pipeline/tools/plan.py)."""
+    out: float | int = 1
     for x in xs:
         if x is None:
             return None
@@ -89,8 +90,8 @@ def _mul(*xs: float | None) -> float | None:
     return out
 
 
-def _add(*xs: float | None) -> float | None:
-    return None if any(x is None for x in xs) else float(sum(xs))
+def _add(*xs: float | int | None) -> float | int | None:
+    return None if any(x is None for x in xs) else sum(xs)  # type: ignore[arg-type]
 
 
 def activations(batch: int, T: int, shape: Shape | None, precision: str) -> float | None:

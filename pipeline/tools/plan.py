@@ -38,7 +38,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pipeline.core import config as C
 from pipeline.core.errors import RebmError
 from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, PRETRAINED_ENERGIES
-from pipeline.tools.memory import dataset_memory, fits, machine_memory, model_shapes
+from pipeline.tools.memory import _add, _mul, dataset_memory, fits, machine_memory, model_shapes
 
 SPLITS = ("train", "valid", "test")
 FORMULAS = {
@@ -473,19 +473,6 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _mul(*xs: float | int | None) -> float | int | None:
-    out: float | int = 1
-    for x in xs:
-        if x is None:
-            return None
-        out *= x
-    return out
-
-
-def _add(*xs: float | int | None) -> float | int | None:
-    return None if any(x is None for x in xs) else sum(xs)  # type: ignore[arg-type]
 
 
 def _evals(optim: C.OptimConfig) -> int:
