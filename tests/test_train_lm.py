@@ -176,6 +176,47 @@ def test_save_then_load_gives_the_same_logits(tmp_path: Path, variant: str) -> N
         assert torch.equal(a[:, :9], b[:, :9]) and not torch.equal(a[:, 9:], b[:, 9:])
 
 
+def test_a_saved_ralm_holds_phi_only_and_refuses_a_changed_base(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from pipeline.core.errors import RebmError
+    from pipeline.core.io import file_digest
+
+    base_dir = tmp_path / "lm" / "base"
+    tiny_lm(0).save_pretrained(base_dir)
+    base = load_lm(base_dir)
+    sha = file_digest(base_dir / "model.safetensors")
+    ralm = ResidualLM.from_parts(base, tiny_lm(1), base_dir=base_dir, base_sha256=sha).eval()
+    ralm.save_pretrained(tmp_path / "lm" / "ralm")
+    weights = sorted(p.relative_to(tmp_path / "lm" / "ralm").as_posix()
+                     for p in (tmp_path / "lm" / "ralm").rglob("*.safetensors"))
+    assert weights == ["residual/model.safetensors"]  # no second copy of the base
+    assert not any(k.startswith("base") for k in load_file(tmp_path / "lm" / "ralm" / "residual" / "model.safetensors"))
+    saved = json.loads((tmp_path / "lm" / "ralm" / "config.json").read_text())
+    assert (saved["base_path"], saved["base_sha256"]) == ("../base", sha)
+
+    # The pair moves together (a DVC checkout elsewhere) and loads to the same logits, bf16 too.
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "lm").rename(moved)
+    loaded = load_lm(moved / "ralm")
+    ids = pattern_windows(3, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ralm(input_ids=ids).logits, atol=0, rtol=0)
+    assert not any(p.requires_grad for p in loaded.base.parameters())
+    assert load_lm(moved / "ralm", dtype="bfloat16").residual.dtype == torch.bfloat16
+    # Saving a loaded RALM again keeps pointing at the same base.
+    loaded.save_pretrained(moved / "ralm_again")
+    assert json.loads((moved / "ralm_again" / "config.json").read_text())["base_path"] == "../base"
+
+    tiny_lm(2).save_pretrained(moved / "base")  # a retrained base: RALM's residual no longer fits it
+    with pytest.raises(RebmError, match=r"not the one RALM was trained on"):
+        load_lm(moved / "ralm")
+    for path in (moved / "base").iterdir():
+        path.unlink()
+    with pytest.raises(RebmError, match=r"base LM .*base.* is missing"):
+        load_lm(moved / "ralm")
+
+
 # --------------------------------------------------------------------------- perplexity
 class TableLM(torch.nn.Module):
     """Logits depend only on the position, never on the input: a token's value then matters only
@@ -314,8 +355,9 @@ def test_rebm_train_lm_writes_models_metrics_and_curves(project: Path) -> None:
         result = runner.invoke(app, ["train-lm", "tiny", variant])
         assert result.exit_code == 0, result.output
         out = project / "models/tiny/lm" / variant
-        assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
-        assert not [p for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+        weights = "residual/model.safetensors" if variant == "ralm" else "model.safetensors"  # RALM: phi only
+        assert {p.relative_to(out).as_posix() for p in out.rglob("*")} >= {"config.json", weights, "tokenizer.json"}
+        assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
         assert not (project / f"models/tiny/lm/.{variant}.tmp-checkpoint").exists()
         curve = (project / f"models/tiny/lm/{variant}_curve.tsv").read_text().splitlines()
         assert curve[0].split("\t")[:4] == ["step", "epoch", "train_loss", "valid_loss"] and len(curve) == 3

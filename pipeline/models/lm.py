@@ -10,10 +10,16 @@ log_softmax(a + b) = log_softmax(a) + log_softmax(b) - logsumexp(...), that is e
 with the constant being the per-position normaliser. `ResidualLM` is a `PreTrainedModel`
 registered with the Auto classes, so `load_lm(dir)` (or `AutoModelForCausalLM.from_pretrained`
 after importing this module) restores the combined model offline.
+
+A saved RALM holds only what it adds: the composite config, phi in `residual/`, and the base
+LM's path (relative to the RALM directory) with the sha256 of its weights. Loading reads the
+base from there and refuses one whose weights changed, so a paper-scale RALM does not carry a
+second copy of GPT-2's weights.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +40,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from pipeline.core.config import CausalLMArch, EncoderArch
 from pipeline.core.errors import RebmError
+from pipeline.core.io import file_digest
 
 
 # --------------------------------------------------------------------------- plain causal LMs
@@ -157,6 +164,10 @@ class ResidualLMConfig(PreTrainedConfig):
     base: PreTrainedConfig | dict | None = None
     residual: PreTrainedConfig | dict | None = None
     tie_word_embeddings: bool = False  # nothing is shared between the two parts
+    # Where the frozen base LM lives (absolute until saved, then relative to the RALM directory)
+    # and the sha256 of its model.safetensors; None for a RALM saved whole.
+    base_path: str | None = None
+    base_sha256: str | None = None
 
 
 class ResidualLM(PreTrainedModel):
@@ -178,13 +189,34 @@ class ResidualLM(PreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> ResidualLM:
-        model = super().from_pretrained(*args, **kwargs)
-        model.base.requires_grad_(False)  # loading materialises fresh parameters
-        return model
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> ResidualLM:
+        directory = Path(pretrained_model_name_or_path)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, ResidualLMConfig):
+            config = ResidualLMConfig.from_pretrained(directory)
+        if config.base_path is None:  # saved whole (base weights inside)
+            model = super().from_pretrained(directory, *args, config=config, **kwargs)
+            model.base.requires_grad_(False)  # loading materialises fresh parameters
+            return model
+        base_dir = (directory / config.base_path).resolve()
+        weights = base_dir / "model.safetensors"
+        if not weights.exists():
+            raise RebmError(f"{directory}: RALM's base LM {base_dir} (base_path '{config.base_path}') is missing")
+        if config.base_sha256 is not None and file_digest(weights) != config.base_sha256:
+            raise RebmError(f"{directory}: the base LM at {base_dir} is not the one RALM was trained on "
+                            f"(sha256 {file_digest(weights)[:12]}…, expected {config.base_sha256[:12]}…); "
+                            "retrain RALM: rebm train-lm <dataset> ralm")
+        dtype = {"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), **dtype)
+        residual = AutoModelForCausalLM.from_pretrained(str(directory / "residual"), **dtype)
+        return cls.from_parts(base, residual, base_dir=base_dir, base_sha256=config.base_sha256)
 
     @classmethod
-    def from_parts(cls, base: PreTrainedModel, residual: PreTrainedModel) -> ResidualLM:
+    def from_parts(
+        cls, base: PreTrainedModel, residual: PreTrainedModel, *, base_dir: Path | None = None,
+        base_sha256: str | None = None,
+    ) -> ResidualLM:
+        """RALM from a base LM and phi. With `base_dir`, a save keeps phi only and points at it."""
         if base.config.vocab_size != residual.config.vocab_size:
             raise RebmError(
                 f"RALM: the residual LM's vocabulary ({residual.config.vocab_size}) must equal the base LM's "
@@ -192,10 +224,26 @@ class ResidualLM(PreTrainedModel):
             )
         # Fresh sub-configs (not the parts' own objects, which the composite would re-dispatch),
         # then the parts' weights.
-        model = cls(ResidualLMConfig(base=base.config.to_dict(), residual=residual.config.to_dict()))
+        model = cls(ResidualLMConfig(
+            base=base.config.to_dict(), residual=residual.config.to_dict(),
+            base_path=None if base_dir is None else str(Path(base_dir).resolve()), base_sha256=base_sha256,
+        ))
         model.base.load_state_dict(base.state_dict())
         model.residual.load_state_dict(residual.state_dict())
-        return model
+        return model.to(base.dtype)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Phi and the composite config only when the base has a home (`base_path`); else whole."""
+        if self.config.base_path is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base_dir = (directory / self.config.base_path).resolve()  # absolute, or relative to an earlier save
+        self.residual.save_pretrained(directory / "residual", *args, **kwargs)
+        config = self.config.to_dict()
+        config["base_path"] = os.path.relpath(base_dir, directory.resolve())
+        ResidualLMConfig.from_dict(config).save_pretrained(directory)
+        return None
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         pass  # both parts initialise (or load) themselves

@@ -94,9 +94,10 @@ def assemble_lm(
         phi = build_gpt2(cfg.arch, base.config.vocab_size, end_of_document_id(tokenizer))
         if cfg.zero_init:
             zero_init_output(phi)
-        model = ResidualLM.from_parts(base, phi)
+        base_sha256 = file_digest(base_dir / "model.safetensors")
+        model = ResidualLM.from_parts(base, phi, base_dir=base_dir, base_sha256=base_sha256)
         total = count_parameters(model)
-        lm = AssembledLM(model, tokenizer, depends_on=file_digest(base_dir / "model.safetensors"), metrics={
+        lm = AssembledLM(model, tokenizer, depends_on=base_sha256, metrics={
             "parameters": total,
             "parameters_total": total,
             "parameters_trainable": count_parameters(model, trainable_only=True),
