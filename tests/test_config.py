@@ -190,10 +190,12 @@ def test_a_null_variant_cannot_be_evaluated_or_generated_with(tmp_path: Path) ->
         load_params(bad)
     message = str(err.value)
     for key in ("evaluate.lms: 'balm' is null in train_lm", "evaluate.energies: 'bit_star' is null in train_ebm",
-                "generate.energy: 'bit_star' is null", "pretrain_mlm: null, but train_ebm.bit"):
+                "generate.energy: 'bit_star' is null", "stepwise.energy: 'bit_star' is null",
+                "pretrain_mlm: null, but train_ebm.bit"):
         assert key in message, (key, message)
     raw["evaluate"]["lms"], raw["evaluate"]["energies"] = ["base", "ralm"], ["unit"]
     raw["evaluate"]["positions"]["energies"], raw["generate"]["energy"] = [], "unit"
+    raw["stepwise"]["energy"] = "unit"
     raw["train_ebm"]["bit"] = None
     bad.write_text(yaml.safe_dump(raw))
     params = load_params(bad)

@@ -534,6 +534,51 @@ class GenerateConfig(Section):
     gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
 
 
+class StepwiseConvergenceConfig(Section):
+    """`stepwise.convergence`: evaluate's rule (pipeline/estimation/convergence.py) on each shown
+    candidate's log Z_c. min_samples is lower than evaluate's: n completions per candidate cost
+    K × n energies per context."""
+
+    epsilon: float = Field(default=0.2, gt=0)
+    min_samples: int = Field(default=32, ge=2)
+
+
+class StepwiseConfig(Section):
+    """`stepwise`: Appendix A.1, the joint factorised token by token (stage `stepwise`).
+
+    `windows` test prefixes (evenly spaced) are each completed by one top-`lm_top_k` LM sample;
+    in the first `pairs` samples with a repetition (x_t ends an `ngram`-gram seen earlier in the
+    window) that position and the nearest non-repeating one are the contexts. Each gets Eq. 5 over
+    the base LM's top `candidates` (K), `samples` (n) completions per candidate, scored by `energy`.
+    """
+
+    energy: EnergyVariant = "bit_star"
+    windows: int = Field(default=48, gt=0)
+    lm_top_k: int = Field(default=10, ge=0)
+    ngram: int = Field(default=2, ge=1)
+    pairs: int = Field(default=8, ge=2)
+    candidates: int = Field(default=12, ge=2)
+    samples: int = Field(default=32, ge=2)
+    renormalise_top: int = Field(default=10, ge=2)
+    show: int = Field(default=5, ge=1)
+    examples: int = Field(default=3, ge=1)
+    convergence: StepwiseConvergenceConfig = Field(default_factory=StepwiseConvergenceConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    precision: Precision = "auto"
+    batch_size: int = Field(default=64, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    cpus_per_worker: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _fits(self) -> StepwiseConfig:
+        if self.renormalise_top > self.candidates:
+            raise ValueError(f"renormalise_top ({self.renormalise_top}) exceeds candidates ({self.candidates})")
+        if self.show > self.renormalise_top:
+            raise ValueError(f"show ({self.show}) exceeds renormalise_top ({self.renormalise_top})")
+        return self
+
+
 # --------------------------------------------------------------------------- the whole file
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 
@@ -577,6 +622,7 @@ class Params(Section):
     train_ebm: TrainEBMConfig
     evaluate: EvaluateConfig
     generate: GenerateConfig
+    stepwise: StepwiseConfig
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
@@ -627,6 +673,8 @@ def _inapplicable_variant_problems(raw: dict[str, Any]) -> list[tuple[str, str]]
     wanted = [("evaluate.lms", "train_lm", v) for v in evaluate.get("lms") or []]
     wanted += [("evaluate.energies", "train_ebm", v) for v in evaluate.get("energies") or []]
     wanted += [("generate.energy", "train_ebm", generate["energy"])] if generate.get("energy") else []
+    stepwise = raw.get("stepwise") or {}
+    wanted += [("stepwise.energy", "train_ebm", stepwise["energy"])] if stepwise.get("energy") else []
     problems = []
     for key, name, variant in wanted:
         section = raw.get(name)

@@ -124,6 +124,20 @@ class DatasetPaths:
     def generation_checkpoint(self) -> Path:
         return self.results / ".generation.tmp-checkpoint"
 
+    @property
+    def stepwise_file(self) -> Path:
+        """Stage stepwise's estimates: one row per context and candidate (CANDIDATES_SCHEMA)."""
+        return self.data / "stepwise" / "candidates.parquet"
+
+    @property
+    def stepwise_results(self) -> Path:
+        """Stage stepwise's Table 3 (table3.md) and the repetition claim (metrics.json)."""
+        return self.results / "stepwise"
+
+    @property
+    def stepwise_checkpoint(self) -> Path:
+        return self.results / ".stepwise.tmp-checkpoint"
+
 
 class ReportPaths:
     """Stage report's outputs (reports/report.md, report.html, figures/) and the human-eval files it reads."""

@@ -34,6 +34,12 @@ def bootstrap_seed(seed: int, name: str) -> int:
     return hashed_seed(f"rebm/evaluate/bootstrap/{seed}/{name}", bits=64)
 
 
+def stepwise_seed(seed: int, *labels: object) -> int:
+    """Appendix A.1's draws: the LM samples searched for contexts ("contexts") and the completions
+    of one context's candidates (window id, t), each its own stream."""
+    return hashed_seed("rebm/stepwise/" + "/".join(str(x) for x in (seed, *labels)))
+
+
 def generation_seed(seed: int) -> int:
     """The generate stage's top-k samples: its own stream, apart from the negatives stage's samples."""
     return hashed_seed(f"rebm/generate/{seed}")
