@@ -27,6 +27,7 @@ from stages.cli import app
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 DATASETS = ("toy", "toy2")
+STEPWISE_EXAMPLES = 2  # tests/test_stepwise.py STEPWISE["examples"]: Table 3 contexts of toy
 PNG = b"\x89PNG\r\n\x1a\n"
 DATA_URI = '<img src="data:image/png;base64,'
 
@@ -87,6 +88,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(root / "data/toy/generations", root / "data/toy2/generations")
     write_toy2_evaluation(root)
     write_toy2_generation_baseline(root)
+    from test_stepwise import STEPWISE
+
+    from stages import stepwise
+
+    params["stepwise"] = STEPWISE  # toy gets Table 3; toy2 has none, so its placeholder shows
+    (root / "params-toy.yaml").write_text(yaml.safe_dump(params))
+    stepwise.run("toy", root / "params-toy.yaml", root=root, progress=False)
     params["datasets"]["toy2"] = {"source": "brown", "categories": ["fiction"]}
     (root / "params-report.yaml").write_text(yaml.safe_dump(params))
     return root
@@ -212,7 +220,14 @@ def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git
     assert "| generate@toy2 | 0:00:" in times
     assert "| ingest@toy | missing | `data/toy/ingest_stats.json` |" in times
     assert "| train_ebm_bit_star@toy2 | missing |" in times
-    assert "**total**" in times and "4 of 26 stages recorded" in times
+    assert "**total**" in times and "5 of 28 stages recorded" in times
+    table3 = section(md, "Table 3")
+    assert table3.count("**Context") == STEPWISE_EXAMPLES and "### Table 3 — P(x_t | x_<t)" in table3
+    for row in ("repetition", "control", "repetition − control"):
+        assert re.search(rf"^\| {row} \| [+-]\d\.\d{{3}} \[", table3, re.M), row
+    claim = json.loads((project / "results/toy/stepwise/metrics.json").read_text())["claim"]
+    assert f"within the same LM sample: **{claim['verdict']}**" in table3
+    assert "*toy2: no results/toy2/stepwise yet — run `rebm stepwise toy2`.*" in table3
     provenance = section(md, "Provenance")
     assert f"git revision: `{REV}`; working tree dirty: yes (uncommitted changes to code or params: params.yaml)" \
         in provenance
@@ -223,10 +238,10 @@ def test_every_table_and_figure_is_present_and_non_empty(project: Path, fake_git
 
     # The HTML is the same report, self-contained.
     for heading in ("Table 1", "The paper.s claims", "Figure 1", "Figure 2", "Figure 3", "Sample statistics",
-                    "Table 2", "Example generations", "Stage wall times", "Provenance"):
+                    "Table 3", "Table 2", "Example generations", "Stage wall times", "Provenance"):
         assert re.search(rf"<h2>{heading}", page), heading
     # Table 1, reference points, last position, claims, stats, before → after; examples; times
-    assert page.count("<table>") == 6 + 3 * len(DATASETS) + 1
+    assert page.count("<table>") == 6 + 3 * len(DATASETS) + 1 + STEPWISE_EXAMPLES + 1  # Table 3s, the claim
     for cell in ("<td>JOINT BIT-BASE</td>", "<td>evaluate@toy</td>", "<td>GOLD</td>", "rebm humaneval export", REV):
         assert cell in page
     for external in ("<script", "<link", 'src="http', "@import", "url("):
@@ -302,7 +317,7 @@ def test_stage_times_read_every_format(tmp_path: Path) -> None:
     assert times["evaluate@x"].seconds == 7.0 and times["pretrain_mlm@x"].status == "unreadable"
     assert times["generate@x"].status == "missing" and times["generate@x"].path == "results/x/generation/metrics.json"
     text = "\n".join(lib.stage_time_lines(list(times.values())))
-    assert "| **total** | **0:00:22 (22.5 s)** | 3 of 13 stages recorded |" in text
+    assert "| **total** | **0:00:22 (22.5 s)** | 3 of 14 stages recorded |" in text
 
 
 def test_provenance_without_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

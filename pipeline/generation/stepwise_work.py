@@ -134,11 +134,25 @@ class StepwiseRun:
                         p.repetition if kind == "repetition" else p.control)
                 for i, p in enumerate(pairs) for kind in KINDS]
 
-    def estimate(self, contexts: list[Context], models_key: str, pool_factory) -> list[dict[str, np.ndarray]]:
-        """Every context's candidate weights: from the checkpoint, else computed on the pool."""
+    def summarise(self, c: Context, r: dict[str, np.ndarray]) -> dict[str, Any]:
+        """One context's estimates over its K candidates (Eq. 5 with Eq. 4's range, the n/2 plug-in,
+        the convergence verdict): what the outputs need, so the K x n weights are dropped at once."""
+        w = r["log_weights"]
+        est = step_distribution(r["base_logprob"], w)
+        watched = np.union1d(np.argsort(-est.point)[: self.cfg.show], np.flatnonzero(r["candidates"] == c.observed))
+        converged, _ = context_converged(w, watched, self.cfg.convergence.epsilon, self.cfg.convergence.min_samples)
+        return {"candidates": r["candidates"], "estimate": est, "converged": converged, "samples": w.shape[1],
+                "half": plug_in(r["base_logprob"], w[:, : max(1, w.shape[1] // 2)])}
+
+    def estimate(self, contexts: list[Context], models_key: str, pool_factory) -> list[dict[str, Any]]:
+        """Every context's summary (`summarise`): from the checkpoint, else computed on the pool.
+        The driver holds K numbers per context, never the K x n weights of more than one."""
         K, n, T = self.cfg.candidates, self.cfg.samples, self.windows.shape[1]
         keys = [fingerprint(models_key, K, n, c.window_id, c.position, c.window[: c.position + 1]) for c in contexts]
-        results: list[dict | None] = [self.checkpoint.load(f"context-{i}", k) for i, k in enumerate(keys)]
+        results: list[dict | None] = []
+        for i, (c, key) in enumerate(zip(contexts, keys, strict=True)):
+            saved = self.checkpoint.load(f"context-{i}", key)
+            results.append(None if saved is None else self.summarise(c, saved))
         todo = [i for i, r in enumerate(results) if r is None]
         self.stats.shards_reused = len(contexts) - len(todo)
         if todo:
@@ -146,8 +160,8 @@ class StepwiseRun:
                        unit="context", disable=not self.progress)
 
             def done(task: Task, out: dict) -> None:
-                results[task.payload] = out
                 self.checkpoint.save(f"context-{task.payload}", keys[task.payload], **out)
+                results[task.payload] = self.summarise(contexts[task.payload], out)
                 self.stats.shards_computed += 1
                 bar.update(1)
 
@@ -164,18 +178,14 @@ class StepwiseRun:
 
     def table(self, contexts: list[Context], results: list[dict], decode) -> pa.Table:
         rows: dict[str, list] = {f.name: [] for f in CANDIDATES_SCHEMA}
-        cfg = self.cfg
         for c, r in zip(contexts, results, strict=True):
-            est = step_distribution(r["base_logprob"], r["log_weights"])
-            w = r["log_weights"]
-            half = plug_in(r["base_logprob"], w[:, : max(1, w.shape[1] // 2)])
-            watched = np.union1d(np.argsort(-est.point)[: cfg.show], np.flatnonzero(r["candidates"] == c.observed))
-            converged, _ = context_converged(w, watched, cfg.convergence.epsilon, cfg.convergence.min_samples)
-            repeats = would_repeat(c.window[: c.position], r["candidates"], cfg.ngram)
+            est = r["estimate"]
+            repeats = would_repeat(c.window[: c.position], r["candidates"], self.cfg.ngram)
             for rank, token in enumerate(r["candidates"]):
                 values = (c.pair, c.kind, c.window_id, c.doc_id, c.position, c.observed, rank, int(token),
                           decode([int(token)]), bool(repeats[rank]), float(est.base[rank]), float(est.point[rank]),
-                          float(est.low[rank]), float(est.high[rank]), float(half[rank]), converged, w.shape[1])
+                          float(est.low[rank]), float(est.high[rank]), float(r["half"][rank]), r["converged"],
+                          r["samples"])
                 for name, value in zip(rows, values, strict=True):
                     rows[name].append(value)
         return pa.Table.from_pydict(rows, schema=CANDIDATES_SCHEMA)
@@ -188,7 +198,7 @@ def pair_log_ratios(contexts: list[Context], results: list[dict]) -> tuple[dict[
     documents = []
     for c, r in zip(contexts, results, strict=True):
         index = int(np.flatnonzero(r["candidates"] == c.observed)[0])
-        point, low, high = log_ratio_at(step_distribution(r["base_logprob"], r["log_weights"]), index)
+        point, low, high = log_ratio_at(r["estimate"], index)
         key = "rep" if c.kind == "repetition" else "ctrl"
         out[key].append(point)
         out[f"{key}_low"].append(low)

@@ -100,6 +100,8 @@ class DatasetResults:
     generation_baseline: dict[str, Any] | None = None  # baseline_metrics.json: label, commit, metrics
     not_applicable: dict[str, str] = field(default_factory=dict)  # variant -> why its stage trained nothing
     did_not_learn: dict[str, str] = field(default_factory=dict)  # energy -> its pair accuracy, at chance
+    stepwise: dict[str, Any] | None = None  # results/<ds>/stepwise/metrics.json (Appendix A.1), if run
+    table3: str | None = None  # results/<ds>/stepwise/table3.md
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,10 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
         generation_baseline=read_generation_baseline(baseline) if baseline.exists() else None,
         not_applicable=not_applicable_variants(paths),
         did_not_learn=energies_at_chance(paths),
+        stepwise=_read_json(paths.stepwise_results / "metrics.json")
+        if (paths.stepwise_results / "metrics.json").exists() else None,
+        table3=(paths.stepwise_results / "table3.md").read_text(encoding="utf-8").rstrip("\n")
+        if (paths.stepwise_results / "table3.md").exists() else None,
     )
 
 
@@ -248,6 +254,7 @@ def stage_files(dataset: str, root: Path = Path(".")) -> list[tuple[str, Path]]:
         *((f"train_ebm_{v}@{dataset}", p.energy_metrics(v)) for v in ENERGY_VARIANTS),
         (f"evaluate@{dataset}", p.evaluation / "metrics.json"),
         (f"generate@{dataset}", p.generation_results / "metrics.json"),
+        (f"stepwise@{dataset}", p.stepwise_results / "metrics.json"),
     ]
 
 
@@ -884,6 +891,27 @@ def _examples(d: DatasetResults) -> dict[str, Any]:
             "ess": [f"{r['ess']:.1f}" for r in d.examples]}
 
 
+def _stepwise(d: DatasetResults) -> dict[str, Any]:
+    """Table 3 and the repetition claim's rows (pipeline/generation/stepwise.py, `repetition_claims`)."""
+    m = d.stepwise
+    if m is None or d.table3 is None:
+        return {"name": d.name, "table3": None}
+    claim = m["claim"]
+
+    def cell(entry: dict | None) -> str:
+        return "—" if entry is None else f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+
+    def share(entry: dict | None) -> str:
+        return "—" if entry is None else f"{entry['mean']:.2f} [{max(0.0, entry['low']):.2f}, {min(1.0, entry['high']):.2f}]"
+
+    rows = [[label, cell(claim[key]["mean_log_ratio"]), share(claim[key]["share_lower"]), claim[key]["verdict"]]
+            for label, key in (("repetition", "repetition"), ("control", "control"),
+                               ("repetition − control", "repetition_minus_control"))]
+    return {"name": d.name, "table3": d.table3, "pairs": claim["pairs"], "documents": claim["documents"],
+            "candidates": m["candidates"], "samples": m["samples"], "level": f"{claim['level']:.0%}",
+            "converged": f"{m['contexts_converged']} of {m['contexts']}", "rows": rows, "verdict": claim["verdict"]}
+
+
 def _stage_times(times: Sequence[StageTime]) -> dict[str, Any]:
     rows, total, recorded = [], 0.0, 0
     for t in times:
@@ -951,7 +979,8 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
         figure1=[_figure1(d, figures) for d in ds], figure2=(later := [_figures(d) for d in ds]), figure3=later,
         sample_stats=_sample_stats(ds), before_after=_before_after(ds),
         human=human, human_table=None if human.markdown is None else human.markdown.rstrip("\n"),
-        examples=[_examples(d) for d in ds], stage_times=_stage_times(inputs.stage_times),
+        examples=[_examples(d) for d in ds], stepwise=[_stepwise(d) for d in ds],
+        stage_times=_stage_times(inputs.stage_times),
         **_provenance(inputs.provenance),
     )
     return text.rstrip("\n") + "\n"

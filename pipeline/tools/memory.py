@@ -187,6 +187,14 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
                           "(the plan's evaluate note has the detail)"))
     rows.append(MemoryRow("generate", _add(_mul(4, _add(P.get("base"), P.get(gen.energy))), batch), None, 0, None,
                           "the base LM + its energy and a forward batch"))
+    sw = v.sections["stepwise"]
+    chunk = sw.candidates * max(1, neg.batch_samples) * T * 8  # a worker's completions in flight
+    results = 2 * sw.pairs * sw.candidates * sw.samples * 8  # every context's float64 weights, on the driver
+    stepwise_weights = _mul(4, _add(P.get("base"), P.get(sw.energy)))
+    rows.append(MemoryRow("stepwise", _add(stepwise_weights, results), _add(stepwise_weights, chunk)
+                          if sw.num_workers else None, sw.num_workers, None,
+                          f"the base LM + {sw.energy}; a worker holds K x batch_samples completions at a time, the "
+                          "driver every context's K x n weights"))
     return rows
 
 

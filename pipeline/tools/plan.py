@@ -601,7 +601,29 @@ def dataset_rows(
     seqs = _mul(Wg, gen.n_gen + 1)
     row("generate", f"energies {gen.energy}: gold + samples", names[gen.energy], sizes[gen.energy], seqs,
         _mul(seqs, T), "forward")
+    rows += _stepwise_rows(ds, v.sections["stepwise"], sizes, names, p, T, te)
     return rows, notes
+
+
+def _stepwise_rows(ds: str, sw: C.StepwiseConfig, sizes: dict[str, ModelSize], names: dict[str, str], p: int, T: int,
+                   te: int | None) -> list[Row]:
+    """Appendix A.1: 2 x pairs contexts, each K candidates x n completions of at most T - p - 1
+    tokens (counted at that horizon: contexts sit anywhere in the continuation), all scored."""
+    L = T - p
+    W = None if te is None else min(sw.windows, te)
+    contexts = 2 * sw.pairs
+    seqs = contexts * sw.candidates * sw.samples
+    new, prefix = seqs * max(L - 1, 0), contexts * sw.candidates * T
+    base = sizes["base"]
+    return [
+        Row(ds, "stepwise", f"context samples: {_fmt(W)} prefixes, top-{sw.lm_top_k}", "base LM", base.flop, W,
+            _mul(W, L), _mul(2, base.flop, _mul(W, T)), FORMULAS["sample"], ""),
+        Row(ds, "stepwise", f"{contexts} contexts x top-{sw.candidates} x n={sw.samples:,} completions", "base LM",
+            base.flop, seqs, new, _mul(2, base.flop, new + prefix), FORMULAS["sample"],
+            f"+ {_fmt(prefix)} context tokens"),
+        Row(ds, "stepwise", f"energies {sw.energy}: every completion", names[sw.energy], sizes[sw.energy].flop, seqs,
+            seqs * T, _mul(2, sizes[sw.energy].flop, seqs * T), FORMULAS["forward"], ""),
+    ]
 
 
 def _evaluate_memory(ev: C.EvaluateConfig, neg: C.NegativesConfig, windows: int, W: int, exact: int,
