@@ -1,7 +1,7 @@
 """Stage `pretrain_mlm`: the BIT energy's encoder (`energy.bit`) pretrained as a masked LM.
 
 Writes models/<dataset>/mlm/ (save_pretrained of the masked LM and its tokenizer: the LM's
-tokens plus padding and mask), mlm_metrics.json and mlm_curve.tsv.
+tokens plus padding and mask), mlm_metrics.json and mlm_live/ (the learning curve through dvclive).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     cfg = load_section(PretrainMLMConfig, "pretrain_mlm", params, nullable=True)
     if cfg is None:  # only the BIT energy starts from this encoder: null when train_ebm.bit is
         return save_not_applicable(f"pretrain_mlm is null in {params}", {"dataset": dataset, "variant": "mlm"},
-                                   model_dir=paths.mlm, curve_path=paths.mlm_curve, metrics_path=paths.mlm_metrics,
+                                   model_dir=paths.mlm, live_dir=paths.mlm_live, metrics_path=paths.mlm_metrics,
                                    started=started)
     arch = load_subsection(EncoderArch, "energy.bit", params)
     seed, device = load_seed(params), resolve_device(load_device(params))
@@ -61,6 +61,6 @@ def run(dataset: str, params: Path, root: Path = Path(".")) -> dict:
     }
     return save_trained_run(
         model, tokenizer, result, metrics,
-        model_dir=paths.mlm, curve_path=paths.mlm_curve, metrics_path=paths.mlm_metrics,
+        model_dir=paths.mlm, live_dir=paths.mlm_live, metrics_path=paths.mlm_metrics,
         checkpoint_dir=paths.mlm_checkpoint, started=started,
     )

@@ -3,7 +3,7 @@
 bit_large (JOINT BIT-LARGE*); a variant set to null in params is recorded as not applicable.
 
 Writes models/<dataset>/energy/<variant>/ (save_pretrained + the body's tokenizer),
-<variant>_metrics.json and <variant>_curve.tsv.
+<variant>_metrics.json and <variant>_live/ (the learning curve through dvclive).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     cfg: EnergyVariantConfig | None = getattr(load_section(TrainEBMConfig, "train_ebm", params), variant)
     if cfg is None:
         return save_not_applicable(f"train_ebm.{variant} is null in {params}", {"dataset": dataset, "variant": variant},
-                                   model_dir=paths.energy(variant), curve_path=paths.energy_curve(variant),
+                                   model_dir=paths.energy(variant), live_dir=paths.energy_live(variant),
                                    metrics_path=paths.energy_metrics(variant), started=started)
     prefix_len = load_section(TokenizeConfig, "tokenize", params).prefix_len
     seed, device = load_seed(params), resolve_device(load_device(params))
@@ -76,6 +76,6 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
                **run_metrics(result, cfg.optim, train_device, per_s="sequences")}
     return save_trained_run(
         scorer.model, body_tokenizer, result, metrics,
-        model_dir=paths.energy(variant), curve_path=paths.energy_curve(variant),
+        model_dir=paths.energy(variant), live_dir=paths.energy_live(variant),
         metrics_path=paths.energy_metrics(variant), checkpoint_dir=paths.energy_checkpoint(variant), started=started,
     )

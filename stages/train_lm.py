@@ -2,7 +2,7 @@
 (`pipeline.training.causal`).
 
 Writes models/<dataset>/lm/<variant>/ (save_pretrained + tokenizer), <variant>_metrics.json
-(parameter counts, continuation perplexity on valid and test) and <variant>_curve.tsv.
+(parameter counts, continuation perplexity on valid and test) and <variant>_live/ (the learning curve through dvclive).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
                           nullable=variant != "base")
     if cfg is None:
         return save_not_applicable(f"train_lm.{variant} is null in {params}", {"dataset": dataset, "variant": variant},
-                                   model_dir=paths.lm(variant), curve_path=paths.lm_curve(variant),
+                                   model_dir=paths.lm(variant), live_dir=paths.lm_live(variant),
                                    metrics_path=paths.lm_metrics(variant), started=started)
     seed, device = load_seed(params), resolve_device(load_device(params))
     prefix_len = load_section(TokenizeConfig, "tokenize", params).prefix_len
@@ -79,6 +79,6 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     }
     return save_trained_run(
         lm.model, lm.tokenizer, result, metrics,
-        model_dir=paths.lm(variant), curve_path=paths.lm_curve(variant), metrics_path=paths.lm_metrics(variant),
+        model_dir=paths.lm(variant), live_dir=paths.lm_live(variant), metrics_path=paths.lm_metrics(variant),
         checkpoint_dir=paths.lm_checkpoint(variant), started=started,
     )

@@ -44,3 +44,31 @@ def test_dvc_repro_tokenize_then_nothing_then_only_tokenize(repo_copy: tuple[Pat
     assert "Running stage 'tokenize@tiny'" in out
     assert "Running stage 'ingest@tiny'" not in out
     assert '"vocab_size": 280' in (work / "data/tiny/tokenize_stats.json").read_text()
+
+
+def test_training_curves_reach_dvc_plots_and_exp_show(repo_copy: tuple[Path, dict[str, str]]) -> None:
+    """dvclive's folder is what dvc.yaml declares: `dvc plots show` finds the curves and `dvc exp
+    show` the last validation, as in a fresh clone's default run."""
+    import json
+
+    work, env = repo_copy
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train_lm"]["base"]["arch"].update(n_layer=1, n_head=2, d_model=32, d_ff=64, n_positions=16)
+    params["train_lm"]["base"]["optim"].update(batch_size=4, max_steps=4, warmup_steps=1, eval_every=2,
+                                               checkpoint_every=2, precision="fp32")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], work, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], work, env)
+    run(["dvc", "repro", "train_lm_base"], work, env)
+    def json_of(*cmd: str):
+        import subprocess
+
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    shown = json.dumps(json_of("dvc", "plots", "show", "--json"))
+    for column in ("train_loss", "valid_loss", "lr"):
+        assert f"models/tiny/lm/base_live/plots/metrics/{column}.tsv" in shown, column
+    workspace = json.dumps(json_of("dvc", "exp", "show", "--json")[0])
+    assert "models/tiny/lm/base_live/metrics.json" in workspace and '"valid_loss"' in workspace

@@ -220,8 +220,8 @@ def test_train_ebm_real_text_ends_with_lower_energy(toy: Path, monkeypatch: pyte
                           limit=metrics["valid_windows"])
     energies = EnergyScorer(model.eval(), tokenizer, lm_tok)(torch.from_numpy(valid.windows(np.arange(len(valid)))))
     assert energies.mean().item() == pytest.approx(metrics["valid_energy_real_mean"], abs=1e-4)
-    curve = (toy / f"models/toy/energy/{variant}_curve.tsv").read_text().splitlines()
-    assert curve[0].startswith("step\t") and len(curve) >= 2
+    curve = (toy / f"models/toy/energy/{variant}_live/plots/metrics/valid_loss.tsv").read_text().splitlines()
+    assert curve[0] == "step\tvalid_loss" and len(curve) >= 2
 
 
 def test_toy_nce_data_is_separable(toy: Path) -> None:
@@ -254,7 +254,8 @@ def test_a_null_variant_writes_a_not_applicable_record_that_evaluate_names(toy: 
     model_dir = toy / "models/toy/energy/bit_large"
     assert sorted(p.name for p in model_dir.iterdir()) == [NOT_APPLICABLE_FILE]  # a record, no model
     assert json.loads((toy / "models/toy/energy/bit_large_metrics.json").read_text()) == record
-    assert (toy / "models/toy/energy/bit_large_curve.tsv").read_text().splitlines()[0].startswith("step\t")
+    live = toy / "models/toy/energy/bit_large_live"  # an empty curve, so DVC still has the stage's outputs
+    assert json.loads((live / "metrics.json").read_text()) == {} and (live / "plots/metrics").is_dir()
     assert not_applicable_reason(model_dir) == record["reason"]
     with pytest.raises(RebmError, match="did not train a model .train_ebm.bit_large is null"):
         require_model(model_dir, "train_ebm_bit_large@toy")

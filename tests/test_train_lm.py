@@ -26,7 +26,7 @@ from pipeline.models.lm import (
     zero_init_output,
 )
 from pipeline.training.loop import ShuffledBatches, epoch_permutation
-from pipeline.training.trainer import train
+from pipeline.training.trainer import CURVE_COLUMNS, train
 from stages.cli import app
 
 V, T, P = 48, 16, 12  # vocabulary, window length, prefix length of the tiny setting
@@ -359,8 +359,13 @@ def test_rebm_train_lm_writes_models_metrics_and_curves(project: Path) -> None:
         assert {p.relative_to(out).as_posix() for p in out.rglob("*")} >= {"config.json", weights, "tokenizer.json"}
         assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
         assert not (project / f"models/tiny/lm/.{variant}.tmp-checkpoint").exists()
-        curve = (project / f"models/tiny/lm/{variant}_curve.tsv").read_text().splitlines()
-        assert curve[0].split("\t")[:4] == ["step", "epoch", "train_loss", "valid_loss"] and len(curve) == 3
+        live = project / f"models/tiny/lm/{variant}_live"  # the curve through dvclive, one row per validation
+        curve = (live / "plots/metrics/valid_loss.tsv").read_text().splitlines()
+        assert curve[0].split("\t") == ["step", "valid_loss"] and len(curve) == 3
+        assert sorted(p.stem for p in (live / "plots/metrics").iterdir()) == sorted(CURVE_COLUMNS)
+        summary = json.loads((live / "metrics.json").read_text())
+        assert summary["step"] == int(curve[-1].split("\t")[0])
+        assert summary["valid_loss"] == pytest.approx(float(curve[-1].split("\t")[1]))
 
     metrics = {v: json.loads((project / f"models/tiny/lm/{v}_metrics.json").read_text()) for v in ("base", "balm", "ralm")}
     base, balm, ralm = metrics["base"], metrics["balm"], metrics["ralm"]

@@ -45,9 +45,10 @@ class DatasetPaths:
     def lm_metrics(self, variant: str) -> Path:
         return self.models / "lm" / f"{variant}_metrics.json"
 
-    def lm_curve(self, variant: str) -> Path:
-        """Learning curve (TSV: step, train_loss, valid_loss, lr, tokens_per_s, ...), a DVC plot."""
-        return self.models / "lm" / f"{variant}_curve.tsv"
+    def lm_live(self, variant: str) -> Path:
+        """Learning curve as a dvclive folder: plots/metrics/<name>.tsv (step, value) for train_loss,
+        valid_loss, lr, tokens_per_s, ... and metrics.json (the last validation); DVC plots."""
+        return self.models / "lm" / f"{variant}_live"
 
     def lm_checkpoint(self, variant: str) -> Path:
         """Resumable training state while a run is in progress; deleted when training completes."""
@@ -75,8 +76,8 @@ class DatasetPaths:
         return self.models / "mlm_metrics.json"
 
     @property
-    def mlm_curve(self) -> Path:
-        return self.models / "mlm_curve.tsv"
+    def mlm_live(self) -> Path:
+        return self.models / "mlm_live"
 
     @property
     def mlm_checkpoint(self) -> Path:
@@ -89,8 +90,8 @@ class DatasetPaths:
     def energy_metrics(self, variant: str) -> Path:
         return self.models / "energy" / f"{variant}_metrics.json"
 
-    def energy_curve(self, variant: str) -> Path:
-        return self.models / "energy" / f"{variant}_curve.tsv"
+    def energy_live(self, variant: str) -> Path:
+        return self.models / "energy" / f"{variant}_live"
 
     def energy_checkpoint(self, variant: str) -> Path:
         """Resumable NCE training state while a run is in progress; deleted when it completes."""

@@ -122,9 +122,9 @@ class StepEstimate:
 def step_distribution(base_logprob: np.ndarray, log_weights: np.ndarray) -> StepEstimate:
     """Eq. 5 over the K candidates from base log P_LM(c | x_<t) [K] and −E of the n completions of
     each [K, n] (n = 1: the exact clamped windows at the last position)."""
-    base = torch.as_tensor(np.asarray(base_logprob, dtype=np.float64))
+    base = torch.as_tensor(np.array(base_logprob, dtype=np.float64))  # a copy: arrays from Ray are read-only
     base = base - torch.logsumexp(base, 0)
-    lw = torch.as_tensor(np.asarray(log_weights, dtype=np.float64))
+    lw = torch.as_tensor(np.array(log_weights, dtype=np.float64))
     if lw.shape[-1] == 1:
         lower = upper = lw[:, 0]
     else:

@@ -7,6 +7,8 @@ one place that turns a `TrainResult` into the fields every training stage's metr
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -65,16 +67,29 @@ def train(
                     on_step=on_step)
 
 
-def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
-    """The learning curve as TSV (one row per validation), written atomically."""
-    columns = ["step", "epoch", "train_loss", "valid_loss", "lr", "tokens_per_s", "tokens"]
-    lines = ["\t".join(columns)]
-    for row in curve:
-        lines.append("\t".join(
-            str(int(row[c])) if c in ("step", "tokens") else f"{row[c]:.6g}" for c in columns
-        ))
-    with atomic_output(path, directory=False) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+CURVE_COLUMNS = ("epoch", "train_loss", "valid_loss", "lr", "tokens_per_s", "tokens")  # logged per validation step
+
+
+def write_curve(live_dir: Path, curve: list[dict[str, float]]) -> None:
+    """The learning curve through dvclive: `live_dir`/plots/metrics/<column>.tsv (step, value; one
+    row per validation) and metrics.json (the last row), values to 6 significant digits.
+
+    dvclive writes into a scratch folder outside the repository (inside `dvc exp run` it would
+    otherwise `git add` whatever it finds untracked under its folder, here a temporary sibling);
+    the files are then moved into place atomically. An empty curve still leaves both files' folder.
+    """
+    from dvclive import Live
+
+    with tempfile.TemporaryDirectory(prefix="rebm-live-") as scratch:
+        with Live(scratch, save_dvc_exp=False, dvcyaml=False, report=None) as live:
+            for row in curve:
+                live.step = int(row["step"])
+                for column in CURVE_COLUMNS:
+                    value = row[column]
+                    live.log_metric(column, int(value) if column == "tokens" else float(f"{value:.6g}"))
+        (Path(scratch) / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        with atomic_output(live_dir, directory=True) as tmp:
+            shutil.copytree(scratch, tmp, dirs_exist_ok=True)
 
 
 def save_trained_run(
@@ -84,7 +99,7 @@ def save_trained_run(
     metrics: dict[str, Any],
     *,
     model_dir: Path,
-    curve_path: Path,
+    live_dir: Path,
     metrics_path: Path,
     checkpoint_dir: Path,
     started: float,
@@ -97,7 +112,7 @@ def save_trained_run(
     with atomic_output(model_dir, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    write_curve(curve_path, result.curve)
+    write_curve(live_dir, result.curve)
     metrics = {**metrics, "wall_seconds": round(time.perf_counter() - started, 1)}
     write_json(metrics_path, metrics)
     discard_checkpoint(checkpoint_dir)
@@ -105,7 +120,7 @@ def save_trained_run(
 
 
 def save_not_applicable(
-    reason: str, metrics: dict[str, Any], *, model_dir: Path, curve_path: Path, metrics_path: Path, started: float,
+    reason: str, metrics: dict[str, Any], *, model_dir: Path, live_dir: Path, metrics_path: Path, started: float,
 ) -> dict[str, Any]:
     """A variant this run does not train (its params entry is null): a record where the model
     would be, an empty curve and metrics saying why, so DVC has the stage's outputs and the
@@ -114,7 +129,7 @@ def save_not_applicable(
               "wall_seconds": round(time.perf_counter() - started, 1)}
     with atomic_output(model_dir, directory=True) as tmp:
         write_json(tmp / NOT_APPLICABLE_FILE, record)
-    write_curve(curve_path, [])
+    write_curve(live_dir, [])
     write_json(metrics_path, record)
     print(f"{metrics.get('dataset', '?')}/{metrics.get('variant', '?')}: not applicable ({reason})")
     return record
