@@ -39,7 +39,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield {"address": "existing", "cpus": ray.cluster_resources().get("CPU", 0)}
         return
-    runtime_env = {"py_modules": [pipeline], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    # The package's directory, not the module object: inside a `ray job submit` job, ray.init
+    # deep-copies this to merge it with the job's runtime_env, and a module cannot be copied.
+    # Ray also refuses keys set on both sides, so a job must not set py_modules or this env var.
+    runtime_env = {"py_modules": [pipeline.__path__[0]], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     kwargs: dict[str, Any] = dict(runtime_env=runtime_env, logging_level="ERROR", log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
