@@ -15,24 +15,21 @@ import time
 from pathlib import Path
 
 from pipeline.core.config import NegativesConfig, StepwiseConfig, TokenizeConfig, load_device, load_section, load_seed
-from pipeline.core.io import ArrayCheckpoint, require_model, write_json, write_table, write_text
+from pipeline.core.io import ArrayCheckpoint, require_model, write_json
 from pipeline.core.paths import DatasetPaths
 from pipeline.core.pool_stage import load_pool_stage
 from pipeline.core.precision import resolve_device, resolve_dtype
-from pipeline.core.variants import DISPLAY_NAMES, stage_name
+from pipeline.core.variants import stage_name
 from pipeline.data.tokenization import WindowReader, window_documents
 from pipeline.estimation.evaluation import evenly_spaced
-from pipeline.generation.stepwise import CANDIDATES_SCHEMA, repetition_claims
 from pipeline.generation.stepwise_work import (
     StepwiseRun,
     make_worker_pool,
-    pair_log_ratios,
     stepwise_prompt,
     stepwise_summary,
-    table3_markdown,
     worker_args,
+    write_outputs,
 )
-from pipeline.models.lm import load_tokenizer
 from pipeline.sampling.actor_pool import ray_session_if
 from pipeline.sampling.negatives import model_digest
 
@@ -57,28 +54,11 @@ def run(dataset: str, params: Path, root: Path = Path("."), ray_address: str | N
     with ray_session_if(cfg.num_workers > 0 and bool(contexts), ray_address, cfg.num_workers * cfg.cpus_per_worker):
         results = work.estimate(contexts, models_key, make_worker_pool(args, cfg))
 
-    tokenizer = load_tokenizer(paths.tokenizer, "stepwise")
-    table = work.table(contexts, results, tokenizer.decode)
-    write_table(paths.stepwise_file, table, CANDIDATES_SCHEMA)
-    context_text = {c.pair: tokenizer.decode(c.window[max(0, c.position - 60) : c.position].tolist())
-                    for c in contexts if c.kind == "repetition"}
-    joint = DISPLAY_NAMES[cfg.energy]
-    write_text(paths.stepwise_results / "table3.md",
-               table3_markdown(table, cfg, dataset, joint, cfg.energy, context_text))
-    ratios, documents = pair_log_ratios(contexts, results)
-    converged = table.to_pandas().groupby(["pair", "kind"])["converged"].first()
-    metrics = {
-        "dataset": dataset, "energy": cfg.energy, "joint": joint, "candidates": cfg.candidates,
-        "samples": cfg.samples, "ngram": cfg.ngram, "windows_searched": len(ids), "pairs": len(contexts) // 2,
-        "contexts_converged": int(converged.sum()), "contexts": int(len(converged)),
-        "claim": repetition_claims(ratios, documents, cfg.bootstrap.level, cfg.bootstrap.resamples, seed),
-        "pool": {"contexts_computed": work.stats.shards_computed, "contexts_reused": work.stats.shards_reused},
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
+    metrics = write_outputs(work, contexts, results, paths, dataset)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(paths.stepwise_results / "metrics.json", metrics)
     work.checkpoint.discard()
     return metrics
-
 
 
 def run_prompt(dataset: str, params: Path, prompt: str, root: Path = Path("."), samples: int | None = None,

@@ -251,6 +251,33 @@ def table3_markdown(table: pa.Table, cfg: StepwiseConfig, dataset: str, joint: s
         renormalise=cfg.renormalise_top, ngram=cfg.ngram, examples=examples)
 
 
+def write_outputs(work: StepwiseRun, contexts: list[Context], results: list[dict], paths, dataset: str) -> dict:
+    """The candidates table, Table 3 and the claim (metrics, without the wall time) of a finished run."""
+    from pipeline.core.io import write_table, write_text
+    from pipeline.core.variants import DISPLAY_NAMES
+    from pipeline.generation.stepwise import repetition_claims
+    from pipeline.models.lm import load_tokenizer
+
+    cfg = work.cfg
+    tokenizer = load_tokenizer(paths.tokenizer, "stepwise")
+    table = work.table(contexts, results, tokenizer.decode)
+    write_table(paths.stepwise_file, table, CANDIDATES_SCHEMA)
+    context_text = {c.pair: tokenizer.decode(c.window[max(0, c.position - 60) : c.position].tolist())
+                    for c in contexts if c.kind == "repetition"}
+    joint = DISPLAY_NAMES[cfg.energy]
+    write_text(paths.stepwise_results / "table3.md",
+               table3_markdown(table, cfg, dataset, joint, cfg.energy, context_text))
+    ratios, documents = pair_log_ratios(contexts, results)
+    converged = table.to_pandas().groupby(["pair", "kind"])["converged"].first()
+    return {
+        "dataset": dataset, "energy": cfg.energy, "joint": joint, "candidates": cfg.candidates,
+        "samples": cfg.samples, "ngram": cfg.ngram, "windows_searched": len(work.window_ids),
+        "pairs": len(contexts) // 2, "contexts_converged": int(converged.sum()), "contexts": int(len(converged)),
+        "claim": repetition_claims(ratios, documents, cfg.bootstrap.level, cfg.bootstrap.resamples, work.seed),
+        "pool": {"contexts_computed": work.stats.shards_computed, "contexts_reused": work.stats.shards_reused},
+    }
+
+
 def make_worker_pool(args: tuple, cfg: StepwiseConfig):
     def factory():
         return make_pool(StepwiseWorker, args, cfg.num_workers, cfg.cpus_per_worker, name="stepwise",
