@@ -113,7 +113,8 @@ def train_ebm(
     variant: Annotated[str, typer.Argument(help=", ".join(ENERGY_VARIANTS))],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Train an energy model by conditional NCE against the base LM's samples; writes models/<dataset>/energy/<variant>."""
+    """Train an energy model by conditional NCE against the base LM's samples; writes
+    models/<dataset>/energy/<variant>."""
     from stages import train_ebm as stage
 
     _print_summary(stage.run(dataset, variant, params))
@@ -137,12 +138,29 @@ def evaluate(
 def generate(
     dataset: DatasetArg,
     params: ParamsOption = Path("params.yaml"),
-    prompt: Annotated[str | None, typer.Option("--prompt", help="generate for this text instead of the test set")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="generate for this text instead of the test set")
+    ] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="read the prompt from a file")] = None,
-    samples: Annotated[int | None, typer.Option("--samples", help="Algorithm 1: top-k samples to resample from (default generate.n_gen); stepwise: completions per candidate (default stepwise.samples)")] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", help="Algorithm 1: top-k samples to resample from (default generate.n_gen); "
+                     "stepwise: completions per candidate (default stepwise.samples)"),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for the prompt's samples (default: params seed)")] = None,
-    method: Annotated[str, typer.Option("--method", help="algorithm1: resample n top-k LM samples by exp(-E) (§3.3, Algorithm 1). stepwise: top-k auto-regressive sampling (§3.3, Appendix A.1), each token drawn from Eq. 5 over the base LM's top K (stepwise.candidates) with n completions each (stepwise.samples), energy stepwise.energy; it costs (T - p) x K x n LM samples and energy evaluations: 40 x 12 x 32 = 15,360 at the defaults, about 3 minutes on 2 CPU cores with BIT*, against 32 for Algorithm 1. Needs --prompt or --prompt-file.")] = "algorithm1",
-    candidates: Annotated[int | None, typer.Option("--candidates", help="stepwise: K, the base LM's top K next tokens (default stepwise.candidates)")] = None,
+    method: Annotated[
+        str,
+        typer.Option("--method", help="algorithm1: resample n top-k LM samples by exp(-E) (§3.3, Algorithm 1). "
+                     "stepwise: top-k auto-regressive sampling (§3.3, Appendix A.1), each token drawn from Eq. 5 "
+                     "over the base LM's top K (stepwise.candidates) with n completions each (stepwise.samples), "
+                     "energy stepwise.energy; it costs (T - p) x K x n LM samples and energy evaluations: "
+                     "40 x 12 x 32 = 15,360 at the defaults, about 3 minutes on 2 CPU cores with BIT*, "
+                     "against 32 for Algorithm 1. Needs --prompt or --prompt-file."),
+    ] = "algorithm1",
+    candidates: Annotated[
+        int | None,
+        typer.Option("--candidates", help="stepwise: K, the base LM's top K next tokens (default stepwise.candidates)"),
+    ] = None,
     ray_address: RayAddressOption = None,
 ) -> None:
     """Algorithm 1 on the test prefixes (the DVC stage), or on --prompt / --prompt-file text, side by side;
@@ -212,7 +230,8 @@ def plan(
     root: Annotated[Path, typer.Option("--root", help="directory holding data/<dataset>/")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
-    """Validate every section of a params file (all errors, exit 2), then print each stage's sequences, tokens and FLOPs."""
+    """Validate every section of a params file (all errors, exit 2), then print each stage's
+    sequences, tokens and FLOPs."""
     from pipeline.tools import plan as planner
     configs = {}
     for spec in model_config or []:
@@ -326,7 +345,9 @@ def bench_gpu(
 @bench_app.command("statistics")
 @_user_errors
 def bench_statistics(
-    quick: Annotated[bool, typer.Option("--quick", help="fewer simulated replicates (about a minute on 2 cores)")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="fewer simulated replicates (about a minute on 2 cores)")
+    ] = False,
     seed: Annotated[int, typer.Option(help="seed of every simulation")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
@@ -358,7 +379,10 @@ def bench_scale(
 
     chosen = scale.parse_sizes(sizes) if sizes else scale.QUICK_SIZES_GB if quick else scale.SIZES_GB
     scratch = workdir or Path(tempfile.mkdtemp(prefix="rebm-bench-scale-"))
-    log = (lambda line: typer.echo(line, err=True))
+
+    def log(line: str) -> None:
+        typer.echo(line, err=True)
+
     result = scale.scale_benchmark(chosen, params, scratch, keep=keep, log=log)
     typer.echo(json.dumps(result, indent=2) if as_json else scale.format_scale(result))
 
@@ -401,7 +425,9 @@ def seeds_collect(
 @seeds_app.command("compare")
 @_user_errors
 def seeds_compare(
-    other: Annotated[Path, typer.Argument(help="another run's checkout (reads its results/<dataset>/evaluation/metrics.json)")],
+    other: Annotated[
+        Path, typer.Argument(help="another run's checkout (reads its results/<dataset>/evaluation/metrics.json)")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
     """Whether results/seed_spread.json's next-run interval covers each Table 1 row of another run
@@ -431,7 +457,9 @@ def humaneval_export(
         list[str],
         typer.Argument(help="dataset keys (reads data/<dataset>/generations/generations.parquet) or NAME=PATH"),
     ],
-    out: Annotated[Path, typer.Option("--out", help="directory for sheet.html and pairs.csv")] = Path("reports/humaneval"),
+    out: Annotated[
+        Path, typer.Option("--out", help="directory for sheet.html and pairs.csv")
+    ] = Path("reports/humaneval"),
     pair: Annotated[
         list[str] | None,
         typer.Option("--pair", help="MODEL_1:MODEL_2 to compare, repeatable (default: joint:base, joint:gold)"),
@@ -452,7 +480,9 @@ def humaneval_export(
 @_user_errors
 def humaneval_score(
     votes: Annotated[list[Path], typer.Argument(help="votes CSV file(s): rater_id, pair_id, choice (A or B)")],
-    pairs: Annotated[Path, typer.Option("--pairs", help="the key written by export")] = Path("reports/humaneval/pairs.csv"),
+    pairs: Annotated[
+        Path, typer.Option("--pairs", help="the key written by export")
+    ] = Path("reports/humaneval/pairs.csv"),
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table as JSON")] = None,
 ) -> None:
     """Drop raters who fail an attention check and print Table 2: preference rate and one-sided binomial p-value."""

@@ -55,7 +55,8 @@ def export(
     columns = ["window_id", "prefix_text", *(f"{s}_text" for s in systems)]
     unknown = [c for c in columns if c not in GENERATIONS_SCHEMA.names]
     if unknown:
-        known = [n.removesuffix("_text") for n in GENERATIONS_SCHEMA.names if n.endswith("_text") and n != "prefix_text"]
+        known = [n.removesuffix("_text") for n in GENERATIONS_SCHEMA.names
+                 if n.endswith("_text") and n != "prefix_text"]
         raise RebmError(f"--pair: no generations column '{unknown[0]}'; systems are {known}")
     sources = dict(parse_source(d, root) for d in datasets)
     tables = {name: read_generations(path, columns) for name, path in sources.items()}

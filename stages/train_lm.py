@@ -69,7 +69,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
         result = train_causal_lm(
             lm.model, splits["train"], splits["valid"], prefix_len, cfg.optim,
             seed=seed, device=train_device, checkpoint_dir=paths.lm_checkpoint(variant),
-            fingerprint=fingerprint(cfg.model_dump(mode="json"), seed, prefix_len, lm.depends_on, splits["train"].digest()),
+            fingerprint=fingerprint(cfg.model_dump(mode="json"), seed, prefix_len, lm.depends_on,
+                                    splits["train"].digest()),
             desc=f"{dataset}/{variant}",
         )
     metrics = {

@@ -35,7 +35,8 @@ def tiny_brown(tmp_path: Path) -> Path:
         cats.append(f"{file_id} {category}")
         paragraphs = []
         for p in range(3):
-            sentences = [tagged_sentence(f"Document {i} paragraph {p} says `` hello {s} '' , again .") for s in range(4)]
+            sentences = [tagged_sentence(f"Document {i} paragraph {p} says `` hello {s} '' , again .")
+                         for s in range(4)]
             paragraphs.append("\n\n\t" + "\n".join(sentences))
         (root / file_id).write_text("".join(paragraphs) + "\n", encoding="utf-8")
     (root / "cats.txt").write_text("\n".join(cats) + "\n", encoding="utf-8")
@@ -154,7 +155,8 @@ def build_toy_run(root: Path) -> Path:
         "tokenize": {"vocab_size": 300, "prefix_len": PREFIX, "seq_len": SEQ, "stride": SEQ},
         "negatives": {"samples": {"toy": {"train": 1, "valid": 1}}, "batch_samples": 64, "dtype": "float32"},
         "evaluate": {
-            "lms": ["base", "balm"], "energies": ["unit", "bit"], "windows": None, "n_eval": {"unit": N_NEG, "bit": N_NEG},
+            "lms": ["base", "balm"], "energies": ["unit", "bit"], "windows": None,
+            "n_eval": {"unit": N_NEG, "bit": N_NEG},
             "convergence": {"epsilon": 0.2, "min_samples": 4}, "bootstrap": {"resamples": 200, "level": 0.9},
             "positions": {"energies": ["unit", "bit"], "windows": 4, "samples": 6, "exact_last_windows": 2},
             "precision": "fp32", "batch_size": 16, "shard_sequences": 64, "num_workers": 0,

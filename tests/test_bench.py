@@ -36,8 +36,8 @@ def test_train_benchmark_times_the_precision_the_pipeline_uses(cpu_env: dict) ->
     """Rule per CPU kind: on a CPU with bf16 units both precisions are timed and bf16 is what the
     pipeline uses; on an AVX2-only CPU (oneDNN capped at AVX2) only fp32 is, and bf16 is said to be
     skipped. Either way the pipeline's own precision gets a fraction of its own peak in (0, 1]."""
-    done = subprocess.run([sys.executable, "-c", BENCH, str(REPO / "params.yaml")], cwd=REPO, capture_output=True, text=True,
-                          env=os.environ | cpu_env | {"OMP_NUM_THREADS": "2"}, timeout=300)
+    done = subprocess.run([sys.executable, "-c", BENCH, str(REPO / "params.yaml")], cwd=REPO, capture_output=True,
+                          text=True, env=os.environ | cpu_env | {"OMP_NUM_THREADS": "2"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     own = report["pipeline_precision"]

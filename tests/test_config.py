@@ -22,10 +22,13 @@ def test_repository_params_validate() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("tokenize: {vocab_size: 1000, prefix_len: 160, seq_len: 160, stride: 80}", r"prefix_len \(160\) must be below seq_len"),
+        ("tokenize: {vocab_size: 1000, prefix_len: 160, seq_len: 160, stride: 80}",
+         r"prefix_len \(160\) must be below seq_len"),
         ("tokenize: {vocab_size: 1000, prefix_len: 10, seq_len: 16, stride: 80}", r"stride \(80\) must not exceed"),
-        ("tokenize: {vocab_size: lots, prefix_len: 10, seq_len: 16, stride: 8}", r"tokenize\.vocab_size: Input should be a valid integer"),
-        ("tokenize: {vocab_sise: 1000, prefix_len: 10, seq_len: 16, stride: 8}", r"tokenize\.vocab_sise: Extra inputs are not permitted"),
+        ("tokenize: {vocab_size: lots, prefix_len: 10, seq_len: 16, stride: 8}",
+         r"tokenize\.vocab_size: Input should be a valid integer"),
+        ("tokenize: {vocab_sise: 1000, prefix_len: 10, seq_len: 16, stride: 8}",
+         r"tokenize\.vocab_sise: Extra inputs are not permitted"),
         ("other: {}", r"missing section 'tokenize'"),
     ],
 )
@@ -166,7 +169,8 @@ def test_the_defaults_check_sees_a_contradiction() -> None:
 def test_a_section_is_read_with_the_model_params_declares(tmp_path: Path) -> None:
     from pipeline.core.config import EncoderArch, GenerateConfig, load_subsection
 
-    params = write_params(tmp_path / "params.yaml", "tokenize: {vocab_size: 1000, prefix_len: 8, seq_len: 16, stride: 8}")
+    params = write_params(tmp_path / "params.yaml",
+                          "tokenize: {vocab_size: 1000, prefix_len: 8, seq_len: 16, stride: 8}")
     with pytest.raises(TypeError, match="tokenize is a TokenizeConfig in Params, not a GenerateConfig"):
         load_section(GenerateConfig, "tokenize", params)
     with pytest.raises(TypeError, match="train_lm.base is a LMVariantConfig"):

@@ -149,7 +149,8 @@ def test_a_wrong_hub_id_revision_or_column_is_named(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network: the error must still name the source
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     spec = HFSource(source="hf", path="nobody/no-such-corpus", revision="refs/pr/99", data_files=["x/*.parquet"])
-    with pytest.raises(RebmError, match=r"hf dataset 'nobody/no-such-corpus' revision 'refs/pr/99'.*could not be loaded"):
+    with pytest.raises(RebmError,
+                       match=r"hf dataset 'nobody/no-such-corpus' revision 'refs/pr/99'.*could not be loaded"):
         list(iter_documents(spec, INGEST))
     data = tmp_path / "d"
     (data / "plain_text").mkdir(parents=True)

@@ -88,7 +88,7 @@ def fit_lm(cfg: OptimConfig, checkpoint_dir: Path, on_step=None, model_seed: int
 
 def assert_same_curve(a, b, train_rows=None) -> None:
     assert [r["step"] for r in a.curve] == [r["step"] for r in b.curve]
-    for ra, rb in zip(a.curve, b.curve):
+    for ra, rb in zip(a.curve, b.curve, strict=True):
         assert rb["valid_loss"] == pytest.approx(ra["valid_loss"], rel=RTOL), ra["step"]
         assert rb["tokens"] == ra["tokens"], ra["step"]
         if train_rows is None or ra["step"] in train_rows:
@@ -96,7 +96,7 @@ def assert_same_curve(a, b, train_rows=None) -> None:
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(y, x, atol=WEIGHT_ATOL, rtol=0, msg=name)
 
 
@@ -139,7 +139,8 @@ def test_replicas_together_read_exactly_the_single_process_batch() -> None:
             # A batch without micro_batch() (an NCE dict) is built whole and sliced the same way.
             sliced = [slice_batch({"real": batches[i], "lm": -batches[i]}, k, world * accum)
                       for k in range(world * accum)]
-            assert all(torch.equal(s["real"], p) and torch.equal(s["lm"], -p) for s, p in zip(sliced, parts))
+            assert all(torch.equal(s["real"], p) and torch.equal(s["lm"], -p)
+                       for s, p in zip(sliced, parts, strict=True))
 
 
 def test_gradient_accumulation_in_one_process_keeps_the_curve(single, tmp_path: Path) -> None:

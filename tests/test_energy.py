@@ -20,7 +20,10 @@ def tiny_bit(vocab: int = 50) -> EnergyModel:
 def test_nce_loss_matches_the_formula_by_hand() -> None:
     e_real = torch.tensor([-2.0, 0.5, 30.0], dtype=torch.float64)
     e_lm = torch.tensor([1.0, -0.25, -40.0], dtype=torch.float64)
-    sigmoid = lambda z: 1 / (1 + torch.exp(-z))  # noqa: E731
+
+    def sigmoid(z: torch.Tensor) -> torch.Tensor:
+        return 1 / (1 + torch.exp(-z))
+
     by_hand = (-torch.log(sigmoid(-e_real)) - torch.log(sigmoid(e_lm))).mean()
     assert nce_loss(e_real, e_lm).item() == pytest.approx(by_hand.item(), rel=1e-12)
     # At E = 0 everywhere the classifier is at chance: 2 log 2.

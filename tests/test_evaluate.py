@@ -223,7 +223,7 @@ def assert_close(a, b, rel: float, path: str = "") -> None:
             assert_close(a[k], b[k], rel, f"{path}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_close(x, y, rel, f"{path}[{i}]")
     elif isinstance(a, float):
         assert a == pytest.approx(b, rel=rel, abs=1e-12), (path, a, b)
@@ -234,7 +234,8 @@ def assert_close(a, b, rel: float, path: str = "") -> None:
 def test_samples_stream_in_chunks_each_checkpointed(project: Path, result: dict, tmp_path: Path, monkeypatch) -> None:
     """stream_samples 3 (n = 8, Figure 1's s = 6): log Z chunks 0-3, 3-6, 6-8 and two Figure 1 chunks (drawn
     with the first log Z chunk), each a checkpoint part; a run killed after the second log Z chunk draws only
-    the third, and the metrics are those of one chunk (only energy batches of other sizes differ, in float32's last bits)."""
+    the third, and the metrics are those of one chunk (only energy batches of other sizes differ, in
+    float32's last bits)."""
     import shutil
 
     from pipeline.core.io import ArrayCheckpoint
@@ -424,7 +425,8 @@ def test_a_futile_draw_stops_at_a_look_and_resumes_there(project: Path, tmp_path
     first = evaluate(root, **settings)
     bit, unit = first["joint"]["bit"], first["joint"]["unit"]
     assert (bit["n_eval"], bit["n_eval_cap"], unit["n_eval"], unit["stopped"]) == (64, 256, 256, None)
-    assert bit["stopped"].startswith("stopped at n = 64: mean per-prefix PSIS k̂") and not bit["convergence"]["converged"]
+    assert (bit["stopped"].startswith("stopped at n = 64: mean per-prefix PSIS k̂")
+            and not bit["convergence"]["converged"])
     assert bit["convergence"]["reason"].startswith(bit["stopped"])
     assert drawn == [("log_z_samples_0-64", ["bit", "unit"])] + [
         (f"log_z_samples_{k}-{k + 64}", ["unit"]) for k in (64, 128, 192)]

@@ -292,7 +292,8 @@ def test_paired_sample_checks_decide_the_section_4_3_claims_per_prefix() -> None
     assert checks["unique_ngrams"]["3"]["ci"][0] > 0  # joint has more unique 3-grams, clearly
     closer = checks["closer_to_real"]
     assert closer["same_sign"] and closer["ci"][1] < 0  # joint's gap (6) clearly below BASE LM's (20)
-    assert closer["mean_gap"]["base"] == pytest.approx(20, abs=1) and closer["mean_gap"]["joint"] == pytest.approx(6, abs=1)
+    assert (closer["mean_gap"]["base"] == pytest.approx(20, abs=1)
+            and closer["mean_gap"]["joint"] == pytest.approx(6, abs=1))
 
     same = table.set_column(table.schema.get_field_index("joint_ids"), "joint_ids", pa.array(repetitive))
     low, high = paired_sample_checks(same, documents, 0.95, 1000, seed=0, ns=(3,))["unique_ngrams"]["3"]["ci"]

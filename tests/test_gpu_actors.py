@@ -84,7 +84,8 @@ import numpy as np
 root = build_toy_run(Path({root!r}))
 ev = evaluate.run("toy", root / "params.yaml", root=root, progress=False)
 gen = generate.run("toy", root / "params.yaml", root=root, progress=False)
-neg = generate_negatives(root / "models/toy/lm/base", {{"train": SplitInput(np.arange(3), np.ones((3, 4), np.int64), 2)}},
+inputs = {{"train": SplitInput(np.arange(3), np.ones((3, 4), np.int64), 2)}}
+neg = generate_negatives(root / "models/toy/lm/base", inputs,
                          root / "negatives", new_tokens=3, top_k=0, seed=1, shard_windows=2, batch_samples=8,
                          num_workers=0, progress=False)
 print(json.dumps({{"table1": sorted(ev["perplexity"]), "generated": gen["n_gen"], "rows": neg["rows"],

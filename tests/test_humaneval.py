@@ -82,7 +82,8 @@ def read_pairs_csv(path: Path) -> list[dict]:
 def sheet(tmp_path: Path) -> dict:
     gens = {"news": rows_for("news", range(12)), "fiction": rows_for("fiction", range(100, 112))}
     summary = export_sheet(gens, tmp_path / "he", seed=3, windows_per_dataset=9)
-    return {"dir": tmp_path / "he", "summary": summary, "gens": gens, "rows": read_pairs_csv(tmp_path / "he" / "pairs.csv")}
+    return {"dir": tmp_path / "he", "summary": summary, "gens": gens,
+            "rows": read_pairs_csv(tmp_path / "he" / "pairs.csv")}
 
 
 def test_export_layout_and_attention_checks(sheet: dict) -> None:
@@ -211,7 +212,8 @@ def test_export_score_round_trip(sheet: dict, tmp_path: Path) -> None:
     table = {(r["dataset"], r["model_1"], r["model_2"]): r for r in score.table.to_pylist()}
     assert set(table) == {(d, "joint", m) for d in ("news", "fiction") for m in ("base", "gold")}
     for dataset in ("news", "fiction"):
-        compared = sorted({int(r["window_id"]) for r in rows if r["dataset"] == dataset and r["comparison"] == "joint vs base"})
+        compared = sorted({int(r["window_id"]) for r in rows
+                           if r["dataset"] == dataset and r["comparison"] == "joint vs base"})
         wins = sum(prefers_joint(w) for w in compared)
         vs_base = table[dataset, "joint", "base"]
         assert vs_base["items"] == 9 and vs_base["items_tied"] == 0

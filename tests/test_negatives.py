@@ -85,7 +85,8 @@ def reference(local_ray, model_dir, tmp_path_factory) -> tuple[Path, dict]:
     differ in the last bit between 1 and 2 threads, so scaling is by adding workers.
     """
     out = tmp_path_factory.mktemp("ref") / "negatives"
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=1, cpus_per_worker=1, progress=False, **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=1, cpus_per_worker=1, progress=False,
+                               **SETTINGS)
     return out, stats
 
 
@@ -98,7 +99,7 @@ def test_exact_counts_and_log_probs_of_the_output(reference, model_dir) -> None:
     for split, inp in split_inputs().items():
         table = read_negatives(out / split)
         assert table.schema.equals(NEGATIVES_SCHEMA)
-        pairs = list(zip(table.column("window_id").to_pylist(), table.column("sample_idx").to_pylist()))
+        pairs = list(zip(table.column("window_id").to_pylist(), table.column("sample_idx").to_pylist(), strict=True))
         assert len(pairs) == len(set(pairs)) == WINDOWS[split] * N[split]
         assert sorted(pairs) == [(w, i) for w in inp.window_ids.tolist() for i in range(N[split])]
         tokens = np.array(table.column("token_ids").to_pylist()).reshape(WINDOWS[split], N[split], L)
@@ -112,7 +113,8 @@ def test_exact_counts_and_log_probs_of_the_output(reference, model_dir) -> None:
 def test_two_workers_write_the_same_bytes_as_one(reference, model_dir, tmp_path) -> None:
     ref, _ = reference
     out = tmp_path / "negatives"
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False, **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
+                               **SETTINGS)
     assert len({w["pid"] for w in stats["workers"]}) == 2 and {w["threads"] for w in stats["workers"]} == {1}
     assert_same(out, ref)
 
@@ -162,7 +164,8 @@ def test_resume_keeps_finished_shards_and_computes_only_the_missing(reference, m
     assert sorted(shard_files(out)) == sorted(done)
     mtimes = {p: p.stat().st_mtime_ns for p in done}
     time.sleep(0.01)
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False, **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
+                               **SETTINGS)
     assert (stats["shards_reused"], stats["shards_computed"]) == (3, 4)
     assert stats["rows_computed"] == stats["rows"] - sum(pq.read_metadata(p).num_rows for p in done)
     assert {p: p.stat().st_mtime_ns for p in done} == mtimes  # not rewritten
@@ -181,7 +184,8 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
     (out / "train" / "shard-00099.parquet").write_bytes(b"left by an older run")
     (out / "train" / ".shard-00003.parquet.tmp-abcd1234").write_bytes(b"killed mid-write")
     (out / "valid").mkdir()  # a split no longer configured
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False, **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
+                               **SETTINGS)
     assert (stats["shards_reused"], stats["shards_computed"]) == (4, 3)
     assert not (out / "valid").exists() and not (out / "train" / "shard-00099.parquet").exists()
     assert sorted(p.name for p in (out / "train").iterdir()) == [f"shard-0000{i}.parquet" for i in range(5)]
@@ -197,7 +201,8 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
     )
 
     def plan(model: Path, **change) -> list:
-        spec = SamplingSpec(**{"n": N["train"], "new_tokens": L, "top_k": 0, "seed": 2020, "batch_samples": 12, **change})
+        spec = SamplingSpec(**{"n": N["train"], "new_tokens": L, "top_k": 0, "seed": 2020, "batch_samples": 12,
+                               **change})
         inp = split_inputs()["train"]
         fp = model_fingerprint(read_model_files(model))
         return plan_shards("train", inp, spec, SETTINGS["shard_windows"], fp, out)
@@ -209,7 +214,8 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
     assert not any(shard_is_valid(s) for s in plan(other_lm))
     inp = split_inputs()["train"]
     shifted = SplitInput(inp.window_ids, inp.prefixes + 1 - VOCAB * (inp.prefixes == VOCAB - 1), inp.n)
-    moved = plan_shards("train", shifted, plan(model_dir)[0].spec, 4, model_fingerprint(read_model_files(model_dir)), out)
+    moved = plan_shards("train", shifted, plan(model_dir)[0].spec, 4, model_fingerprint(read_model_files(model_dir)),
+                        out)
     assert not any(shard_is_valid(s) for s in moved)  # same window ids, other prefixes (re-tokenised)
 
 

@@ -269,8 +269,8 @@ def test_paper_plan_states_memory_per_stage_and_streaming_stages_stay_flat(tmp_p
     assert {"ingest", "tokenize", "train_lm_base", "negatives", "train_ebm_bit", "evaluate", "generate"} <= set(small)
     T, L, n = 160, 40, 16
     # negatives: the actor holds the base LM (fp32) + a KV cache of 512 samples x T x 12 layers x 2 x 1024 + logits
-    base = json.loads(invoke(str(PAPER), "--windows", "news=1,1,1", "--windows", "fiction=1,1,1", "--root", str(tmp_path),
-                             "--json").output)["datasets"][0]["models"]["base"]["total"]
+    base = json.loads(invoke(str(PAPER), "--windows", "news=1,1,1", "--windows", "fiction=1,1,1",
+                             "--root", str(tmp_path), "--json").output)["datasets"][0]["models"]["base"]["total"]
     assert small["negatives"]["worker"] == 4 * base + 512 * T * 12 * 2 * 1024 * 4 + 512 * 50257 * 8
     assert large["negatives"]["driver"] - small["negatives"]["driver"] == pytest.approx(990_000 / 256 * 200)
     assert large["negatives"]["disk"] - small["negatives"]["disk"] == pytest.approx(990_000 * n * (L * 8 + 12))

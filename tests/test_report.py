@@ -116,7 +116,8 @@ def fake_git(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
 def run_report(root: Path) -> tuple[dict, str, str]:
     summary = stage.run(root / "params-report.yaml", root=root)
     reports = root / "reports"
-    return summary, (reports / "report.md").read_text(encoding="utf-8"), (reports / "report.html").read_text(encoding="utf-8")
+    return (summary, (reports / "report.md").read_text(encoding="utf-8"),
+            (reports / "report.html").read_text(encoding="utf-8"))
 
 
 def section(markdown: str, heading: str) -> str:
@@ -373,8 +374,8 @@ def test_provenance_is_dirty_for_code_and_params_not_for_pipeline_outputs(tmp_pa
     (tmp_path / "pipeline/estimation/evaluation.py").write_text("X = 2\n")
     p = lib.collect_provenance(tmp_path / "params.yaml", tmp_path)
     assert (p.git_dirty, p.dirty_files, p.output_changes) == (True, ["pipeline/estimation/evaluation.py"], 4)
-    assert "working tree dirty: yes (uncommitted changes to code or params: pipeline/estimation/evaluation.py; 4 changed" \
-        in "\n".join(lib.provenance_lines(p))
+    assert ("working tree dirty: yes (uncommitted changes to code or params: pipeline/estimation/evaluation.py; "
+            "4 changed" in "\n".join(lib.provenance_lines(p)))
 
 
 def test_generated_text_stays_text_in_both_formats() -> None:

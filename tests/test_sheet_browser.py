@@ -144,7 +144,7 @@ def test_rater_fills_in_the_sheet_and_the_votes_score(browser, in_tmp: Path) -> 
            });"""
     )
     assert [s[0] for s in shown] == [r["pair_id"] for r in rows]
-    for (_, prefix, text_a, text_b), r in zip(shown, rows):
+    for (_, prefix, text_a, text_b), r in zip(shown, rows, strict=True):
         assert (prefix, text_a.strip(), text_b.strip()) == (r["prefix"], r["text_a"].strip(), r["text_b"].strip())
     assert any(w in " ".join(map(" ".join, shown)) for w in ("<b>bold</b>", '"quoted"', "O'Brien", "日本語"))
 
@@ -157,7 +157,8 @@ def test_rater_fills_in_the_sheet_and_the_votes_score(browser, in_tmp: Path) -> 
     assert browser.find_element(By.ID, "rater").get_attribute("value") == GOOD
     assert browser.find_element(By.ID, "progress").text == "16 / 16 answered"
     restored = browser.execute_script(
-        "var v = {}; document.querySelectorAll('input[type=radio]:checked').forEach(function(i){ v[i.name] = i.value; }); return v;"
+        "var v = {}; document.querySelectorAll('input[type=radio]:checked')"
+        ".forEach(function(i){ v[i.name] = i.value; }); return v;"
     )
     assert restored == good
 

@@ -114,7 +114,7 @@ def test_resume_after_a_kill_reaches_the_uninterrupted_state(tmp_path: Path) -> 
     assert resumed.resumed_from == 6 and resumed.steps == 12
     assert ref.best_step == resumed.best_step
     assert [r["valid_loss"] for r in ref.curve] == pytest.approx([r["valid_loss"] for r in resumed.curve], abs=1e-6)
-    for (name, a), b in zip(reference.state_dict().items(), resumed_model.state_dict().values()):
+    for (name, a), b in zip(reference.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
     # A checkpoint of another configuration is not resumed.
@@ -367,7 +367,8 @@ def test_rebm_train_lm_writes_models_metrics_and_curves(project: Path) -> None:
         assert summary["step"] == int(curve[-1].split("\t")[0])
         assert summary["valid_loss"] == pytest.approx(float(curve[-1].split("\t")[1]))
 
-    metrics = {v: json.loads((project / f"models/tiny/lm/{v}_metrics.json").read_text()) for v in ("base", "balm", "ralm")}
+    metrics = {v: json.loads((project / f"models/tiny/lm/{v}_metrics.json").read_text())
+               for v in ("base", "balm", "ralm")}
     base, balm, ralm = metrics["base"], metrics["balm"], metrics["ralm"]
     assert base["steps"] == 6 and base["valid_continuation_tokens"] % (T - P) == 0
     # The recorded perplexity is the saved model's continuation perplexity on test.

@@ -627,9 +627,10 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
+        train_lm = {k: getattr(self.train_lm, k) for k in TrainLMConfig.model_fields}
         problems = cross_section_problems(self.model_dump(), list(self.datasets),
                                           {"tokenize": self.tokenize, "negatives": self.negatives,
-                                           "train_lm": {k: getattr(self.train_lm, k) for k in TrainLMConfig.model_fields}})
+                                           "train_lm": train_lm})
         if problems:
             raise ValueError("; ".join(f"{where}: {message}" for where, message in problems))
         return self
@@ -664,7 +665,8 @@ def cross_section_problems(raw: dict[str, Any], datasets: list[str], sections: d
                 continue
             for split in NEGATIVE_SPLITS:
                 if split not in per_split:
-                    problems.append((f"negatives.samples.{ds}.{split}", f"missing (train_ebm reads the {split} samples)"))
+                    problems.append((f"negatives.samples.{ds}.{split}",
+                                     f"missing (train_ebm reads the {split} samples)"))
     return problems
 
 

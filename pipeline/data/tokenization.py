@@ -41,7 +41,7 @@ _ENCODE_BATCH = 256
 def iter_texts(docs_path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, str]]:
     """(doc_id, text) pairs of a docs Parquet file, streamed."""
     for batch in iter_record_batches(docs_path, ["doc_id", "text"], batch_rows):
-        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
@@ -107,7 +107,7 @@ def encode_documents(
 
     def flush() -> Iterator[tuple[str, list[int]]]:
         encoded = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
-        for (doc_id, _), ids in zip(batch, encoded):
+        for (doc_id, _), ids in zip(batch, encoded, strict=True):
             if not ids:
                 stats.skipped["no_tokens"] += 1
                 continue
@@ -208,7 +208,8 @@ class WindowReader:
         group = int(np.searchsorted(self.group_start, start, side="right")) - 1
         while start < stop:
             group_ids, group_tokens = self._group(group)
-            lo, hi = start - int(self.group_start[group]), min(stop, int(self.group_start[group + 1])) - int(self.group_start[group])
+            lo = start - int(self.group_start[group])
+            hi = min(stop, int(self.group_start[group + 1])) - int(self.group_start[group])
             ids.append(group_ids[lo:hi])
             tokens.append(group_tokens[lo:hi])
             start, group = int(self.group_start[group]) + hi, group + 1

@@ -256,7 +256,8 @@ def position_summary(x: EvaluationInputs, cfg) -> dict:
         row = {"position": int(x.prefix_len + j + 1), "base_ppl": float(base_pos[j])}
         for variant, (low, high) in columns.items():
             row[f"{variant}_ppl_low"], row[f"{variant}_ppl_high"] = float(low[j]), float(high[j])
-            row[f"{variant}_gain_low"], row[f"{variant}_gain_high"] = float(base_pos[j] - high[j]), float(base_pos[j] - low[j])
+            row[f"{variant}_gain_low"] = float(base_pos[j] - high[j])
+            row[f"{variant}_gain_high"] = float(base_pos[j] - low[j])
             row[f"{variant}_converged"] = int(converged[variant][j])
         rows.append(row)
     return {"rows": rows, "last_rows": last_rows, "metrics": metrics}

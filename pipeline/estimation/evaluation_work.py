@@ -336,5 +336,6 @@ class EvaluationWork:
             candidates = np.concatenate([last_position_candidates(w, vocab) for w in self.windows[exact_rows]])
             exact_key = fingerprint(key, "fp32", self.part_keys["last_position_lm"])
             out |= self._cached(f"last_candidates_{variant}", exact_key, lambda: {
-                "last_candidates": scored(candidates, "fp32", "exact last position (fp32)").reshape(len(exact_rows), -1)})
+                "last_candidates": scored(candidates, "fp32", "exact last position (fp32)").reshape(
+                    len(exact_rows), -1)})
         return {**out, **streamed}

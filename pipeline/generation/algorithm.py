@@ -216,7 +216,8 @@ def write_analyses(paths: DatasetPaths, table, cfg: GenerateConfig, dataset: str
     ids = {s: table.column(f"{c}_ids").to_pylist() for s, c in (("real", "gold"), ("base", "base"), ("joint", "joint"))}
     write_tsv(out / "unique_ngrams.tsv", unique_ngram_rows(ids))
     for scorer in ("base_lm", "joint"):
-        write_tsv(out / f"density_{scorer}.tsv", density_summary(loglik_by_source(table, scorer), cfg.density_bins).rows)
+        write_tsv(out / f"density_{scorer}.tsv",
+                  density_summary(loglik_by_source(table, scorer), cfg.density_bins).rows)
     write_text(out / "examples.md", examples_markdown(dataset, table, cfg))
     return {
         "dataset": dataset,
@@ -289,11 +290,12 @@ def side_by_side(result: dict, width: int = 48) -> str:
     rows = max(len(left), len(right))
     left += [""] * (rows - len(left))
     right += [""] * (rows - len(right))
+    base_scores = f"E = {result['base_energy']:.3f}, log P_LM = {result['base_lm_logprob']:.2f}"
     header = [
         f"{'BASE LM (top-k sample)':<{width}} | JOINT ({result['energy']}, resampled from {result['samples']}, "
         f"ESS {result['ess']:.1f})",
-        f"{'E = %.3f, log P_LM = %.2f' % (result['base_energy'], result['base_lm_logprob']):<{width}} | "
+        f"{base_scores:<{width}} | "
         f"E = {result['joint_energy']:.3f}, log P_LM = {result['joint_lm_logprob']:.2f}",
         "-" * width + "-+-" + "-" * width,
     ]
-    return "\n".join(header + [f"{a:<{width}} | {b}" for a, b in zip(left, right)])
+    return "\n".join(header + [f"{a:<{width}} | {b}" for a, b in zip(left, right, strict=True)])

@@ -136,7 +136,7 @@ def _write_pairs_csv(path: Path, items: list[_Item], ids: list[str]) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(PAIRS_COLUMNS)
-            for pair_id, it in zip(ids, items):
+            for pair_id, it in zip(ids, items, strict=True):
                 writer.writerow(
                     [pair_id, it.dataset, it.window_id, it.comparison, it.prefix, it.text_a, it.text_b,
                      it.system_a, it.system_b, int(it.is_attention_check)]
@@ -223,7 +223,8 @@ def export_sheet(
     _write_pairs_csv(pairs_csv, sheet, ids)
     with atomic_output(sheet_html, directory=False) as tmp:
         # The sheet id keys the rater's saved answers in the browser: another sheet must not reuse them.
-        sheet_id = humaneval_seed(seed, "sheet", *(f"{it.dataset}/{it.window_id}/{it.system_a}/{it.system_b}" for it in sheet))
+        sheet_id = humaneval_seed(seed, "sheet",
+                                  *(f"{it.dataset}/{it.window_id}/{it.system_a}/{it.system_b}" for it in sheet))
         tmp.write_text(render_sheet(sheet, ids, title, sheet_id), encoding="utf-8")
     counts: dict[str, int] = {}
     for it in comparisons:
@@ -349,7 +350,8 @@ def read_pairs(path: str | Path) -> dict[str, _Pair]:
     """pairs.csv as pair_id → key, validated (errors name the file, line and column)."""
     path = Path(path)
     pairs: dict[str, _Pair] = {}
-    for line, row in _read_csv(path, ("pair_id", "dataset", "comparison", "system_a", "system_b", "is_attention_check"), "the key written by `rebm humaneval export`"):
+    columns = ("pair_id", "dataset", "comparison", "system_a", "system_b", "is_attention_check")
+    for line, row in _read_csv(path, columns, "the key written by `rebm humaneval export`"):
         flag = row["is_attention_check"].lower()
         if flag not in ("0", "1", "true", "false"):
             raise RebmError(f"{path}: line {line}: column 'is_attention_check' must be 0 or 1, got {flag!r}")
@@ -425,13 +427,15 @@ class HumanEvalScore:
             f"({len(self.failed_check)} failed an attention check, {len(self.no_check)} answered none); "
             f"{self.votes_used} comparison votes used.",
             "",
-            "| Dataset | Model 1 | Model 2 | Model 1 preferred | p-value | items (ties) | votes for Model 1 | p-value (votes) |",
+            "| Dataset | Model 1 | Model 2 | Model 1 preferred | p-value | items (ties) "
+            "| votes for Model 1 | p-value (votes) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.table.to_pylist():
             lines.append(
                 f"| {r['dataset']} | {r['model_1']} | {r['model_2']} | {100 * r['rate']:.2f}% | {r['p_value']:.2g} "
-                f"| {r['items']} ({r['items_tied']}) | {r['votes_preferred']}/{r['votes']} ({100 * r['vote_rate']:.2f}%) "
+                f"| {r['items']} ({r['items_tied']}) "
+                f"| {r['votes_preferred']}/{r['votes']} ({100 * r['vote_rate']:.2f}%) "
                 f"| {r['vote_p_value']:.2g} |"
             )
         lines += [

@@ -202,7 +202,8 @@ def generations_table(
             raise ValueError(f"{name} must be [W={W}, n={n}], got shape {array.shape}")
     gold_e = _as_float64(gold_energy, "gold_energy").reshape(-1)
     gold_lp = _as_float64(gold_lm_logprob, "gold_lm_logprob").reshape(-1)
-    for name, seqs in (("prefix_ids", prefix_ids), ("gold_ids", gold_ids), ("gold_energy", gold_e), ("gold_lm_logprob", gold_lp)):
+    for name, seqs in (("prefix_ids", prefix_ids), ("gold_ids", gold_ids), ("gold_energy", gold_e),
+                       ("gold_lm_logprob", gold_lp)):
         if len(seqs) != W:
             raise ValueError(f"{name} has {len(seqs)} rows, expected W={W}")
     for name in ("joint_index", "base_index", "worst_index", "ess"):

@@ -110,7 +110,7 @@ def repetition_rate(
         raise ValueError(f"{len(prefs)} prefixes for {len(conts)} continuations")
     repeats = 0
     total = 0
-    for prefix, cont in zip(prefs, conts):
+    for prefix, cont in zip(prefs, conts, strict=True):
         window = prefix + cont
         seen: set[tuple[Any, ...]] = set()
         for start in range(len(window) - n + 1):

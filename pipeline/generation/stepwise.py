@@ -142,7 +142,8 @@ def plug_in(base_logprob: np.ndarray, log_weights: np.ndarray) -> np.ndarray:
     return step_distribution(base_logprob, log_weights).point
 
 
-def context_converged(log_weights: np.ndarray, watched: np.ndarray, epsilon: float, min_samples: int) -> tuple[bool, str]:
+def context_converged(log_weights: np.ndarray, watched: np.ndarray, epsilon: float,
+                      min_samples: int) -> tuple[bool, str]:
     """The convergence rule of evaluate (pipeline/estimation/convergence.py, checked by `rebm bench
     statistics`) applied to log Z_c of each watched candidate on its own; exact at n = 1."""
     if log_weights.shape[-1] == 1:
@@ -169,8 +170,11 @@ def repetition_claims(pairs: dict[str, np.ndarray], documents: np.ndarray, level
     from pipeline.estimation.intervals import FAILS, HOLDS, INCONCLUSIVE, studentized_mean_interval
 
     def interval(values: np.ndarray, name: str) -> dict | None:
-        result = studentized_mean_interval(values, documents, level, resamples, bootstrap_seed(seed, f"stepwise/{name}"))
-        return None if result is None else dict(zip(("mean", "low", "high"), (round(v, 4) for v in result)))
+        result = studentized_mean_interval(values, documents, level, resamples,
+                                           bootstrap_seed(seed, f"stepwise/{name}"))
+        if result is None:
+            return None
+        return dict(zip(("mean", "low", "high"), (round(v, 4) for v in result), strict=True))
 
     def below_zero(point: np.ndarray, high: np.ndarray, low: np.ndarray, name: str) -> dict:
         est, pessimistic, optimistic = interval(point, name), interval(high, name), interval(low, name)

@@ -141,7 +141,8 @@ class EnergyScorer:
     def pad(self, input_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """A batch of body token ids padded by the body's tokenizer, with its mask, on the model's device."""
         batch = self.tokenizer.pad({"input_ids": input_ids}, return_tensors="pt")
-        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+        return {"input_ids": batch["input_ids"].to(self.device),
+                "attention_mask": batch["attention_mask"].to(self.device)}
 
     def encode(self, lm_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.shares_vocab:

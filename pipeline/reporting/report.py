@@ -373,13 +373,13 @@ def collect_provenance(params: Path, root: Path = Path(".")) -> Provenance:
             **{name: _version(name) for name in ("torch", "transformers", "dvc", "ray", "matplotlib")},
         },
         platform=platform.platform(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
 
 
 def collect(params: Path, root: Path = Path(".")) -> ReportInputs:
     """Everything the report shows, for every dataset key under `datasets:` in `params`."""
-    keys = list((read_params(params).get("datasets") or {}))
+    keys = list(read_params(params).get("datasets") or {})
     if not keys:
         raise RebmError(f"{params}: datasets: no dataset to report on")
     datasets = [collect_dataset(k, root) for k in keys]  # fails first, before any other work
@@ -420,11 +420,13 @@ def _energies_in(rows: list[dict[str, Any]], suffix: str) -> list[str]:
 
 def _ordered(variants) -> list[str]:
     variants = list(variants)
-    return [v for v in (*LM_VARIANTS, *ENERGY_VARIANTS) if v in variants] + sorted(set(variants) - {*LM_VARIANTS, *ENERGY_VARIANTS})
+    known = (*LM_VARIANTS, *ENERGY_VARIANTS)
+    return [v for v in known if v in variants] + sorted(set(variants) - set(known))
 
 
 def _energy_colour(variant: str) -> str:
-    return {"unit": "tab:blue", "bit": "tab:orange", "bit_star": "tab:purple", "bit_large": "tab:red"}.get(variant, "tab:gray")
+    colours = {"unit": "tab:blue", "bit": "tab:orange", "bit_star": "tab:purple", "bit_large": "tab:red"}
+    return colours.get(variant, "tab:gray")
 
 
 def figure1(d: DatasetResults) -> bytes:
@@ -535,7 +537,7 @@ def figure3(d: DatasetResults) -> bytes:
     (left) and under the joint model (right), means dashed, gaps to real text in the legend."""
     fig, axes = _new_figure(width=10, height=4, ncols=2)
     titles = {"base_lm": "scored by BASE LM", "joint": "scored by the joint model (up to log Z)"}
-    for ax, scorer in zip(axes, ("base_lm", "joint")):
+    for ax, scorer in zip(axes, ("base_lm", "joint"), strict=True):
         rows = d.density[scorer]
         stats = d.generation.get("loglik_density", {}).get(scorer, {})
         x = [r["loglik"] for r in rows]
@@ -902,7 +904,9 @@ def _stepwise(d: DatasetResults) -> dict[str, Any]:
         return "—" if entry is None else f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
 
     def share(entry: dict | None) -> str:
-        return "—" if entry is None else f"{entry['mean']:.2f} [{max(0.0, entry['low']):.2f}, {min(1.0, entry['high']):.2f}]"
+        if entry is None:
+            return "—"
+        return f"{entry['mean']:.2f} [{max(0.0, entry['low']):.2f}, {min(1.0, entry['high']):.2f}]"
 
     rows = [[label, cell(claim[key]["mean_log_ratio"]), share(claim[key]["share_lower"]), claim[key]["verdict"]]
             for label, key in (("repetition", "repetition"), ("control", "control"),
@@ -975,7 +979,8 @@ def render_markdown(inputs: ReportInputs, figures: dict[str, bytes]) -> str:
     text = render_template(
         "report.md.j2", title=TITLE, datasets=ds,
         headline=_headline(ds), table1=_table1(ds), reference=_reference(ds),
-        spread=spread_section(inputs.seed_spread, {d.name: d.evaluation for d in ds}), last_position=_last_position(ds), claims=_claims(ds),
+        spread=spread_section(inputs.seed_spread, {d.name: d.evaluation for d in ds}),
+        last_position=_last_position(ds), claims=_claims(ds),
         figure1=[_figure1(d, figures) for d in ds], figure2=(later := [_figures(d) for d in ds]), figure3=later,
         sample_stats=_sample_stats(ds), before_after=_before_after(ds),
         human=human, human_table=None if human.markdown is None else human.markdown.rstrip("\n"),

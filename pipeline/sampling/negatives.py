@@ -244,7 +244,8 @@ def shard_is_valid(shard: Shard) -> bool:
         return False
     ids = table.column("window_id").to_numpy()
     idx = table.column("sample_idx").to_numpy()
-    if not (np.array_equal(ids, np.repeat(shard.window_ids, n)) and np.array_equal(idx, np.tile(np.arange(n), shard.count))):
+    if not (np.array_equal(ids, np.repeat(shard.window_ids, n))
+            and np.array_equal(idx, np.tile(np.arange(n), shard.count))):
         return False
     for name in ("token_ids", "lm_token_logprobs"):
         col = table.column(name).combine_chunks()

@@ -457,7 +457,8 @@ class Sampler:
         parts = []
         for start in range(0, len(prefixes), per_batch):
             ids = window_ids[start : start + per_batch]
-            u = torch.from_numpy(sample_uniforms(seed, ids, n, new_tokens, first_sample)).to(device)  # float64, bit-exact
+            # float64, bit-exact
+            u = torch.from_numpy(sample_uniforms(seed, ids, n, new_tokens, first_sample)).to(device)
             batch = torch.from_numpy(np.array(prefixes[start : start + per_batch])).to(device)
             if fast is not None:
                 tokens, token_lp = fast.sample(batch, u, self.top_k)

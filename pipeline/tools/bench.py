@@ -34,7 +34,8 @@ def _bench_model(params: Path, variant: str, vocab_size: int, seq_len: int):
     cfg = load_subsection(LMVariantConfig, f"train_lm.{variant}", params)
     if cfg.arch is None:
         raise RebmError(f"bench train: train_lm.{variant} loads `init`; benchmark a from-scratch arch instead")
-    return build_gpt2(cfg.arch, vocab_size, 0), lm_flops_per_token(gpt2_config(cfg.arch, vocab_size, 0), seq_len), cfg.optim
+    model = build_gpt2(cfg.arch, vocab_size, 0)
+    return model, lm_flops_per_token(gpt2_config(cfg.arch, vocab_size, 0), seq_len), cfg.optim
 
 
 def benchmarked_precisions(requested: str, device: torch.device) -> tuple[str, ...]:
@@ -113,10 +114,11 @@ def train_benchmark(params: Path, variant: str = "base", steps: int = 5, warmup:
             "measurement_error": own["measurement_error"],
         }
     if "bf16" in report["train"]:
-        report["bf16_speedup"] = round(report["train"]["fp32"]["step_seconds"] / report["train"]["bf16"]["step_seconds"],
-                                       3)
+        fp32_seconds, bf16_seconds = (report["train"][p]["step_seconds"] for p in ("fp32", "bf16"))
+        report["bf16_speedup"] = round(fp32_seconds / bf16_seconds, 3)
     elif precision == "auto":
-        report["bf16_skipped"] = "bf16 is emulated on this device (pipeline_precision fp32); --precision fp32,bf16 times it"
+        report["bf16_skipped"] = ("bf16 is emulated on this device (pipeline_precision fp32); "
+                                  "--precision fp32,bf16 times it")
     return report
 
 

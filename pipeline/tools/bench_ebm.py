@@ -7,6 +7,7 @@ planning an evaluation or Algorithm 1 run needs.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -54,7 +55,7 @@ def ebm_benchmark(dataset: str, bit_star: str, batch: int = 16, repeats: int = 3
         scorer = EnergyScorer(model, AutoTokenizer.from_pretrained(source), lm_tokenizer)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-        def train_step() -> None:
+        def train_step(scorer: EnergyScorer = scorer, optimizer: torch.optim.Optimizer = optimizer) -> None:
             energies = scorer(windows)
             nce_loss(energies[:batch], energies[batch:]).backward()
             optimizer.step()
@@ -64,7 +65,7 @@ def ebm_benchmark(dataset: str, bit_star: str, batch: int = 16, repeats: int = 3
         train_seconds = _timed(train_step, repeats)
         model.eval()
         with torch.inference_mode():
-            score_seconds = _timed(lambda: scorer(windows), repeats)
+            score_seconds = _timed(functools.partial(scorer, windows), repeats)
         report[variant] = {
             "body": source,
             "parameters": sum(p.numel() for p in model.parameters()),

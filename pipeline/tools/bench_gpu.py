@@ -189,7 +189,10 @@ def gpu_check(windows_file: Path, lm_dir: Path, energy_dir: Path, device: str = 
     rows = np.linspace(0, len(ids) - 1, min(windows, len(ids))).round().astype(int)
     test_ids, test_windows = ids[rows], np.ascontiguousarray(all_windows[rows], dtype=np.int64)
     T = test_windows.shape[1]
-    big = lambda k: max(1, int(k * scale))  # noqa: E731
+
+    def big(k: int) -> int:
+        return max(1, int(k * scale))
+
     lm_cpu = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
     lm_dev = AutoModelForCausalLM.from_pretrained(lm_dir).to(dev).eval()
     energy_cpu = load_energy(energy_dir)[0].eval()
@@ -222,7 +225,8 @@ def format_report(r: dict) -> str:
     for row in r["sample"]:
         lines.append(f"  sample    n = {row['n']}: sampler {row['sampler_tokens_per_s']:,} new tokens/s "
                      f"({row['path']}), generate {row['generate_tokens_per_s']:,}: ratio {row['ratio']}x")
-    lines += [f"  score     {s['sequences_per_s']:,} sequences/s (BERT of MiniLM's shape, {s['parameters'] / 1e6:.1f}M, "
+    lines += [f"  score     {s['sequences_per_s']:,} sequences/s "
+              f"(BERT of MiniLM's shape, {s['parameters'] / 1e6:.1f}M, "
               f"{r['precision']}, batch {s['batch']} x {s['seq_len']})",
               f"  agreement sampler token log-probs max |device - cpu| {a['sampler_logprob_max_abs_diff']:.2e}, "
               f"sequence {a['sequence_logprob_max_abs_diff']:.2e}; energies {a['energy_max_abs_diff']:.2e} "

@@ -137,8 +137,8 @@ def run_train_ebm(project: Path) -> dict:
     torch.manual_seed(0)
     body = GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_positions=tok.seq_len, n_embd=32, n_layer=1, n_head=2))
     scorer = EnergyScorer(EnergyModel.from_body(body, "unit"), tokenizer, tokenizer)
-    cfg = OptimConfig(batch_size=8, max_steps=3, warmup_steps=1, max_lr=1e-3, max_grad_norm=1.0, eval_every=3, eval_batch_size=16,
-                      checkpoint_every=3, precision="fp32")
+    cfg = OptimConfig(batch_size=8, max_steps=3, warmup_steps=1, max_lr=1e-3, max_grad_norm=1.0, eval_every=3,
+                      eval_batch_size=16, checkpoint_every=3, precision="fp32")
     result = train_energy(scorer, train, valid, cfg, seed=0, checkpoint_dir=project / "ebm-checkpoints",
                           device=torch.device("cpu"), fingerprint="bench-scale", desc="bench scale")
     return {"train_windows": len(train), "steps": result.steps}
@@ -259,7 +259,8 @@ def format_scale(result: dict) -> str:
              f"(baseline: {result['baseline']}; goal: largest ≤ {FLAT}x baseline)"]
     lines.append(f"{'stage':10s} " + " ".join(f"{s:>10g}" for s in sizes) + "   ratio  flat")
     for stage, values in result["peak_rss_mib"].items():
+        flat = "yes" if result["flat"][stage] else "NO"
         lines.append(f"{stage:10s} " + " ".join(f"{v:10.0f}" for v in values)
-                     + f"   {result['ratio_largest_to_smallest'][stage]:.2f}  {'yes' if result['flat'][stage] else 'NO'}")
+                     + f"   {result['ratio_largest_to_smallest'][stage]:.2f}  {flat}")
     lines.append(f"tokenizer: {result['tokenizer']}")
     return "\n".join(lines)

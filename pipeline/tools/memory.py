@@ -54,8 +54,13 @@ def machine_memory() -> int:
 def _shape_of(config: Any) -> Shape | None:
     if config is None:
         return None
-    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
-    layers, d, heads = get("n_layer", "num_hidden_layers"), get("n_embd", "hidden_size"), get("n_head", "num_attention_heads")
+
+    def get(*names: str) -> Any:
+        return next((getattr(config, n) for n in names if getattr(config, n, None)), None)
+
+    layers = get("n_layer", "num_hidden_layers")
+    d = get("n_embd", "hidden_size")
+    heads = get("n_head", "num_attention_heads")
     return Shape(layers, d, heads) if layers and d and heads else None
 
 
@@ -125,12 +130,16 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
     L = T - p
     w = windows or {}
     tr, va = w.get("train"), w.get("valid")
-    cap = (lambda n: n if n is None or neg.windows is None else min(n, neg.windows))
+
+    def cap(n: int | None) -> int | None:
+        return n if n is None or neg.windows is None else min(n, neg.windows)
+
     P = {k: s.total for k, s in sizes.items()}
     rows = [
         MemoryRow("ingest", ROW_GROUP * 20_000.0, None, 0, None,
                   f"a batch of {ROW_GROUP:,} documents per split writer (20 kB per document assumed)"),
-        MemoryRow("tokenize", _mul(ROW_GROUP, T, 8), None, 0, _mul(_add(*(w.get(s) for s in ("train", "valid", "test"))), T, 4),
+        MemoryRow("tokenize", _mul(ROW_GROUP, T, 8), None, 0,
+                  _mul(_add(*(w.get(s) for s in ("train", "valid", "test"))), T, 4),
                   f"a row group of {ROW_GROUP:,} windows; BPE training adds its word counts (distinct words, "
                   "not documents)"),
     ]
@@ -158,7 +167,8 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
     shards = _add(*(_mul(cap(w.get(split)), 1 / neg.shard_windows) for split in samples)) if samples else 0.0
     driver = _add(ROW_GROUP * T * 8, inflight, _mul(shards, SHARD_BYTES))
     disk = _add(*(_mul(cap(w.get(split)), n, L * 8 + 12) for split, n in samples.items())) if samples else 0.0
-    rows.append(MemoryRow("negatives", driver if neg.num_workers else _add(driver, actor), actor if neg.num_workers else None,
+    rows.append(MemoryRow("negatives", driver if neg.num_workers else _add(driver, actor),
+                          actor if neg.num_workers else None,
                           neg.num_workers, disk, f"actor: LM weights + KV cache of {neg.batch_samples} samples x T; "
                           f"driver: a row group + {INFLIGHT} shards in flight per actor",
                           gpu_workers=neg.num_workers > 0 and neg.gpus_per_worker > 0))
@@ -173,16 +183,16 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
             continue
         ids = _mul(_add(cap(tr), va), 8)
         store = _add(_mul(cap(tr), T, 4), _mul(cap(tr), n_train, L, 4))
-        rows.append(_training(f"train_ebm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, None, 2, ids,
-                              "8 B per window id (pairs read from the on-disk store)", disk=store))
+        rows.append(_training(f"train_ebm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, None, 2,
+                              ids, "8 B per window id (pairs read from the on-disk store)", disk=store))
 
     # evaluate and generate: the models, one forward batch per worker, the per-prefix energies
     energies = [P.get(e) for e in ev.energies]
     weights = _mul(4, _add(P.get("base"), max((e for e in energies if e is not None), default=0)))
     batch = neg.batch_samples * T * 8
     workers = ev.num_workers if hasattr(ev, "num_workers") else 0
-    rows.append(MemoryRow("evaluate", _add(weights, _mul(w.get("test"), sum(ev.n_eval.values()), 8)), _add(weights, batch)
-                          if workers else None, workers, None,
+    rows.append(MemoryRow("evaluate", _add(weights, _mul(w.get("test"), sum(ev.n_eval.values()), 8)),
+                          _add(weights, batch) if workers else None, workers, None,
                           "the base LM + the largest energy, a forward batch; float64 energies per prefix and sample "
                           "(the plan's evaluate note has the detail)"))
     rows.append(MemoryRow("generate", _add(_mul(4, _add(P.get("base"), P.get(gen.energy))), batch), None, 0, None,

@@ -26,6 +26,7 @@ tokenize settings and source type.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import re
@@ -266,7 +267,8 @@ class ModelResolver:
         try:  # a hub id: only what is already in the local HF cache, never the network
             return AutoConfig.from_pretrained(name, local_files_only=True), f"'{name}' config in the local HF cache"
         except (OSError, ValueError):
-            return None, f"'{name}' has no local config (not a directory, not in the HF cache; pass --model-config {name}=DIR)"
+            return None, (f"'{name}' has no local config (not a directory, not in the HF cache; "
+                          f"pass --model-config {name}=DIR)")
 
     def vocab_size(self, name: str) -> tuple[int | None, str]:
         """Size of a pretrained tokenizer (directory or cached hub id)."""
@@ -356,7 +358,7 @@ def model_sizes(v: Validated, vocab: int | None, resolver: ModelResolver) -> tup
         if config is None:
             out[variant] = unknown(label)
         else:
-            body = _on_meta(lambda: AutoModel.from_config(config))
+            body = _on_meta(functools.partial(AutoModel.from_config, config))
             out[variant] = _sizes(body, f"{label} + scalar head", extra=config.hidden_size + 1)
     if "ralm_phi" in out:
         out["ralm"] = _sum(out["base"], out["ralm_phi"], "base + phi")
@@ -531,7 +533,8 @@ def dataset_rows(
         seqs, new, prefix = _mul(wins, n), _mul(wins, n, L), _mul(wins, p)
         rows.append(Row(ds, "negatives", f"sample {split} (n={n:,})", "base LM", sizes["base"].flop, seqs, new,
                         _mul(2, sizes["base"].flop, _add(prefix, new)), FORMULAS["sample"],
-                        f"new tokens = windows x n x (T-p); + {_fmt(prefix)} prefix tokens" if prefix is not None else ""))
+                        f"new tokens = windows x n x (T-p); + {_fmt(prefix)} prefix tokens"
+                        if prefix is not None else ""))
 
     # -- masked-LM pretraining of BIT ------------------------------------------------------
     if mlm is not None:
@@ -663,7 +666,8 @@ def build_plan(
     windows = windows or {}
     unknown_ds = sorted(set(windows) - set(v.raw.get("datasets") or {}))
     for ds in unknown_ds:
-        v.errors.append(f"--windows {ds}=…: no dataset '{ds}' in {params} (datasets: {', '.join(v.datasets) or 'none'})")
+        v.errors.append(f"--windows {ds}=…: no dataset '{ds}' in {params} "
+                        f"(datasets: {', '.join(v.datasets) or 'none'})")
     if v.errors:
         raise RebmError("\n".join(v.errors))
     resolver = ModelResolver(model_configs)
@@ -765,7 +769,8 @@ def _table(header: list[str], body: list[list[str]], right: set[int]) -> list[st
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in body)]
 
@@ -783,10 +788,12 @@ def format_plan(plan: Plan) -> str:
         out.append("")
         body = [[r.stage, r.part, _fmt(r.n), _fmt(r.sequences), _fmt(r.tokens), _flops(r.flops), r.formula, r.note]
                 for r in dp.rows]
-        out.extend(_table(["stage", "work", "N", "sequences", "tokens", "FLOPs", "formula", "note"], body, {2, 3, 4, 5}))
+        out.extend(_table(["stage", "work", "N", "sequences", "tokens", "FLOPs", "formula", "note"], body,
+                          {2, 3, 4, 5}))
         out.extend(f"note: {n}" for n in dp.notes)
         out.append("")
-        out.append(f"memory at the peak (estimates, pipeline/tools/memory.py; this machine: {_bytes(machine_memory())} RAM)")
+        out.append("memory at the peak (estimates, pipeline/tools/memory.py; "
+                   f"this machine: {_bytes(machine_memory())} RAM)")
         body = [[m["stage"], _bytes(m["driver"]), _bytes(m["worker"]) if m["workers"] else "-",
                  str(m["workers"] or "-"), _bytes(m["disk"]), m["fits_this_machine"], m["basis"]] for m in dp.memory]
         out.extend(_table(["stage", "driver", "per worker", "workers", "disk", "fits here", "basis"], body,

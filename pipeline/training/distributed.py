@@ -20,8 +20,8 @@ worker runs the unchanged loop (`run_loop`) as one replica:
   run's storage: `<checkpoint_dir>/ray` on the driver, or $REBM_RAY_STORAGE (a shared path or
   s3:// URI, which a multi-node cluster needs), and waits until Ray Train has committed it.
   A failed worker makes Ray Train restart the worker group (`FailureConfig(max_failures)`),
-  which resumes from `ray.train.get_checkpoint()` rather than step 0. The run's name carries the configuration fingerprint, so a rerun of a
-  killed stage resumes from the same storage too.
+  which resumes from `ray.train.get_checkpoint()` rather than step 0. The run's name carries the
+  configuration fingerprint, so a rerun of a killed stage resumes from the same storage too.
 - Result. The driver loads the best weights of the final checkpoint into its own model (back
   on the device it came on); the stage then writes it atomically to its DVC output directory
   (`pipeline.training.trainer.save_trained_run`), exactly as a single-process run does.
@@ -335,7 +335,7 @@ def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, toke
     stats = torch.tensor([float(loss), float(tokens), *has_grad], dtype=torch.float64, device=device)
     dist.all_reduce(stats)
     grads: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p, seen in zip(params, stats[2:].tolist()):
+    for p, seen in zip(params, stats[2:].tolist(), strict=True):
         if seen > 0:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -14,9 +14,10 @@ the resumed run sees the same batches with the same learning rates and dropout m
 uninterrupted one. The caller deletes `checkpoint_dir` once the final artifact is written.
 
 Scale-out: `pipeline.training.trainer.train` runs this loop in the process or, with
-`cfg.workers > 1`, data-parallel on Ray Train (`pipeline.training.distributed`); with `cfg.grad_accum > 1` each step accumulates micro-batches. Either
-way a step still consumes exactly the batch of `cfg.batch_size` rows a single process would,
-cut into `workers x grad_accum` equal micro-batches, so the run does not depend on the cluster.
+`cfg.workers > 1`, data-parallel on Ray Train (`pipeline.training.distributed`); with
+`cfg.grad_accum > 1` each step accumulates micro-batches. Either way a step still consumes
+exactly the batch of `cfg.batch_size` rows a single process would, cut into
+`workers x grad_accum` equal micro-batches, so the run does not depend on the cluster.
 """
 
 from __future__ import annotations
