@@ -237,8 +237,8 @@ def table3_markdown(table: pa.Table, cfg: StepwiseConfig, dataset: str, joint: s
         observed = ctx[ctx["token"] == ctx["observed"].iloc[0]].iloc[0]
         examples.append({
             "window_id": int(observed["window_id"]), "position": int(observed["position"]),
-            "converged": bool(observed["converged"]), "observed_text": observed["text"],
-            "context_text": context_text.get(int(pair), ""),
+            "converged": bool(observed["converged"]), "observed_text": repr(observed["text"]),
+            "context_text": context_text.get(int(pair), "").replace("\n", " ⏎ "),  # one Markdown paragraph
             "rows": list(zip(_top_rows(ctx, "base_logprob", cfg), _top_rows(ctx, "joint_logprob", cfg), strict=True)),
             **{f"observed_{k}": float(np.exp(observed[c])) for k, c in (
                 ("base", "base_logprob"), ("joint", "joint_logprob"), ("low", "joint_logprob_low"),
