@@ -8,6 +8,7 @@ from conftest import NOT_CONVERGED_REASON, convergence, paired_entries
 
 from pipeline.reporting import report
 from pipeline.reporting.claims import Claim, check_claims
+from pipeline.reporting.table1 import headline
 
 NOT_CONVERGED_WHY = f"JOINT BIT-BASE: log Z not converged at n = 16 ({NOT_CONVERGED_REASON})"
 
@@ -202,8 +203,8 @@ def test_an_energy_at_chance_did_not_learn_and_carries_no_claim(evaluation_metri
 def test_the_headline_says_first_when_its_log_z_did_not_converge(evaluation_metrics, generation_metrics) -> None:
     unconverged = copy.deepcopy(evaluation_metrics)
     unconverged["joint"]["bit_star"]["convergence"] = convergence(False, 64)
-    lines = report._headline([dataset("news", evaluation_metrics, generation_metrics),
-                              dataset("fiction", unconverged, generation_metrics)])
+    lines = headline([dataset("news", evaluation_metrics, generation_metrics),
+                      dataset("fiction", unconverged, generation_metrics)])
     assert lines[0].startswith(r"**news**: JOINT BIT-BASE\* 16.00–16.50 vs BASE LM 20.00 (paired 95 % CI of the ratio "
                                r"to BASE LM \[0.805, 0.845\], holds); converged at n = 64")
     assert lines[1].startswith("**fiction: log Z NOT CONVERGED, so this range states no gain** — ")

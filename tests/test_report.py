@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from pipeline.core.errors import RebmError
 from pipeline.core.io import write_json, write_tsv
 from pipeline.generation.humaneval import GOLD, export_sheet
+from pipeline.reporting import provenance
 from pipeline.reporting import report as lib
 from stages import evaluate, generate
 from stages import report as stage
@@ -109,7 +110,7 @@ def fake_git(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         calls.append(args)
         return {"rev-parse": REV, "diff": "params.yaml\0"}[args[0]]
 
-    monkeypatch.setattr(lib, "_git", git)
+    monkeypatch.setattr(provenance, "_git", git)
     return calls
 
 

@@ -7,6 +7,7 @@ import jinja2
 import jinja2.meta
 import pytest
 
+from pipeline.reporting import render
 from pipeline.reporting import report as lib
 
 ENTRY_POINTS = ("report.md.j2", "report.html.j2")
@@ -14,7 +15,7 @@ ENTRY_POINTS = ("report.md.j2", "report.html.j2")
 
 def reachable(names: tuple[str, ...]) -> set[str]:
     """The templates `names` include or import, followed through their own references."""
-    env = lib._templates()
+    env = render._templates()
     seen: set[str] = set()
     todo = list(names)
     while todo:
