@@ -34,6 +34,23 @@ DISPLAY_NAMES = {
 }
 
 
+# What `rebm plan` calls each variant's model in its tables (the trained model, not Table 1's row).
+PLAN_NAMES = {
+    "base": "base LM",
+    "balm": "BALM",
+    "ralm": "RALM (base + phi)",
+    "unit": "UNIT energy",
+    "bit": "BIT energy",
+    "bit_star": "BIT* energy",
+    "bit_large": "BIT-LARGE* energy",
+}
+
+
+def plan_name(variant: str) -> str:
+    """`rebm plan`'s name of a variant's model ("bit_star" -> "BIT* energy"); unknown ones as given."""
+    return PLAN_NAMES.get(variant, variant)
+
+
 def display_name(variant: str) -> str:
     """Table 1's name of a model variant ("bit_star" -> "JOINT BIT-BASE*"); unknown ones upper-cased."""
     return DISPLAY_NAMES.get(variant, variant.upper())

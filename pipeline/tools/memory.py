@@ -23,9 +23,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from pipeline.core.config import OptimConfig
+from pipeline.core.precision import pool_device
+from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, PRETRAINED_ENERGIES, stage_name
+
 ROW_GROUP = 4096  # rows per Parquet row group of every streaming writer (StreamingTableWriter)
 INFLIGHT = 2  # tasks queued per actor (pipeline.sampling.actor_pool.ActorPool)
 SHARD_BYTES = 200  # the driver's record of one negatives shard (plan, manifest)
+_DRIVER = torch.device("cpu")  # the stage's own device for `workers_on_gpu`: work in the driver is no GPU worker's
 
 
 @dataclass(frozen=True)
@@ -76,17 +83,17 @@ def model_shapes(v: Any, resolver: Any) -> dict[str, Shape | None]:
         return Shape(cfg.arch.n_layer, cfg.arch.d_model, cfg.arch.n_head)
 
     bit = v.sections["energy"]["bit"]
-    shapes = {"base": lm(lms["base"]), "balm": lm(lms["balm"]), "ralm_phi": lm(lms["ralm"]) if lms["ralm"] else None,
-              "mlm": Shape(bit.n_layer, bit.d_model, bit.n_head)}
-    shapes["unit"], shapes["bit"] = shapes["base"], shapes["mlm"]
-    for variant in ("bit_star", "bit_large"):
+    shapes = {("ralm_phi" if variant == "ralm" else variant): lm(lms[variant]) for variant in LM_VARIANTS}
+    shapes["mlm"] = Shape(bit.n_layer, bit.d_model, bit.n_head)
+    shapes["unit"], shapes["bit"] = shapes["base"], shapes["mlm"]  # UNIT: the base LM's body; BIT: the MLM's encoder
+    for variant in PRETRAINED_ENERGIES:
         cfg = getattr(ebm, variant)
         shapes[variant] = _shape_of(resolver.config(cfg.init)[0]) if cfg is not None else None
     return shapes
 
 
 def _mul(*xs: float | int | None) -> float | int | None:
-    """Product, None when any factor is unknown (shared with pipeline/tools/plan.py)."""
+    """Product, None when any factor is unknown (shared with pipeline/tools/plan_rows.py)."""
     out: float | int = 1
     for x in xs:
         if x is None:
@@ -107,34 +114,61 @@ def activations(batch: int, T: int, shape: Shape | None, precision: str) -> floa
     return batch * T * per_token * (1 if precision == "bf16" else 2)
 
 
+def workers_on_gpu(cfg: Any) -> bool:
+    """The one device rule of the memory column: whether a stage's workers hold their models on a
+    GPU. Ray Train workers (an `optim` section) as `training.distributed.training_device` places
+    them, pool actors (`num_workers`, `gpus_per_worker`) as `precision.pool_device`; work that
+    runs in the driver (one training worker, `num_workers: 0`) counts as this machine's."""
+    if isinstance(cfg, OptimConfig):
+        from pipeline.training.distributed import training_device
+
+        return training_device(cfg, _DRIVER).type == "cuda"
+    return pool_device(cfg.num_workers, cfg.gpus_per_worker, _DRIVER).type == "cuda"
+
+
 def _training(stage: str, trained: int | None, frozen: int, shape: Shape | None, optim: Any, T: int, vocab: int | None,
               sequences_per_row: int, data: float | None, data_text: str, disk: float | None = None) -> MemoryRow:
     micro = max(1, optim.batch_size // (optim.workers * optim.grad_accum)) * sequences_per_row
     logits = _mul(micro, T, vocab, 8) if vocab else 0.0
     worker = _add(_mul(16, trained), 4 * frozen, activations(micro, T, shape, optim.precision), logits, data)
     driver = _add(_mul(4, trained), 4 * frozen, data) if optim.workers > 1 else worker
-    where = "GPU" if optim.use_gpu else "CPU"
+    gpu = workers_on_gpu(optim)
     count = f"{trained / 1e6:,.0f}M" if trained else "?"
     basis = (f"16 B x {count} trained params, activations of {micro} sequences x T, {data_text}"
-             + (f"; {optim.workers} Ray Train workers on {where}" if optim.workers > 1 else ""))
-    return MemoryRow(stage, driver, worker, optim.workers if optim.workers > 1 else 0, disk, basis,
-                     gpu_workers=optim.use_gpu and optim.workers > 1)
+             + (f"; {optim.workers} Ray Train workers on {'GPU' if gpu else 'CPU'}" if optim.workers > 1 else ""))
+    return MemoryRow(stage, driver, worker, optim.workers if optim.workers > 1 else 0, disk, basis, gpu_workers=gpu)
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """What every stage's estimate reads: the validated sections, one dataset's windows and the models."""
+
+    v: Any  # pipeline.tools.plan_validate.Validated
+    w: dict[str, int]
+    P: dict[str, int | None]  # distinct parameters per model
+    shapes: dict[str, Shape | None]
+    vocab: int | None
+    ds: str
+
+    @property
+    def T(self) -> int:
+        return self.v.sections["tokenize"].seq_len
+
+    @property
+    def p(self) -> int:
+        return self.v.sections["tokenize"].prefix_len
+
+    def cap(self, n: int | None) -> int | None:
+        """At most negatives.windows windows of a split get samples."""
+        neg = self.v.sections["negatives"]
+        return n if n is None or neg.windows is None else min(n, neg.windows)
 
 
 def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any], shapes: dict[str, Shape | None],
                    vocab: int | None, ds: str) -> list[MemoryRow]:
     """Every stage's peak for one dataset (None where a size is unknown)."""
-    tok, neg, ev, gen = (v.sections[k] for k in ("tokenize", "negatives", "evaluate", "generate"))
-    lms, ebm, mlm = v.sections["train_lm"], v.sections["train_ebm"], v.sections["pretrain_mlm"]
-    p, T = tok.prefix_len, tok.seq_len
-    L = T - p
-    w = windows or {}
-    tr, va = w.get("train"), w.get("valid")
-
-    def cap(n: int | None) -> int | None:
-        return n if n is None or neg.windows is None else min(n, neg.windows)
-
-    P = {k: s.total for k, s in sizes.items()}
+    d = _Dataset(v, windows or {}, {k: s.total for k, s in sizes.items()}, shapes, vocab, ds)
+    w, T = d.w, d.T
     rows = [
         MemoryRow("ingest", ROW_GROUP * 20_000.0, None, 0, None,
                   f"a batch of {ROW_GROUP:,} documents per split writer (20 kB per document assumed)"),
@@ -143,61 +177,86 @@ def dataset_memory(v: Any, windows: dict[str, int] | None, sizes: dict[str, Any]
                   f"a row group of {ROW_GROUP:,} windows; BPE training adds its word counts (distinct words, "
                   "not documents)"),
     ]
-    for variant in ("base", "balm", "ralm"):
+    rows += _lm_memory(d)
+    rows.append(_negatives_memory(d))
+    rows += _energy_memory(d)
+    rows += _scoring_memory(d)
+    return rows
+
+
+def _lm_memory(d: _Dataset) -> list[MemoryRow]:
+    """Causal-LM training: the train split is read by rows from an on-disk int32 store."""
+    lms, P, T = d.v.sections["train_lm"], d.P, d.T
+    store = _mul(d.w.get("train"), T, 4)
+    rows = []
+    for variant in LM_VARIANTS:
         cfg = lms[variant]
         if cfg is None or not cfg.optim.max_steps:
             continue
-        store = _mul(tr, T, 4)  # the train split, read by rows from an on-disk int32 store
         if variant == "ralm":
-            rows.append(_training(f"train_lm_{variant}", P.get("ralm_phi"), P.get("base") or 0, shapes.get("ralm_phi"),
-                                  cfg.optim, T, vocab, 1, 0.0, "train windows read by rows from disk (+ 4 B x the "
+            rows.append(_training(stage_name(variant), P.get("ralm_phi"), P.get("base") or 0, d.shapes.get("ralm_phi"),
+                                  cfg.optim, T, d.vocab, 1, 0.0, "train windows read by rows from disk (+ 4 B x the "
                                   "frozen base)", disk=store))
         else:
-            rows.append(_training(f"train_lm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, vocab, 1,
-                                  0.0, "train windows read by rows from disk", disk=store))
+            rows.append(_training(stage_name(variant), P.get(variant), 0, d.shapes.get(variant), cfg.optim, T, d.vocab,
+                                  1, 0.0, "train windows read by rows from disk", disk=store))
+    return rows
 
-    # negatives: the driver streams (a row group, the tasks in flight); each actor samples
-    s = shapes.get("base")
+
+def _negatives_memory(d: _Dataset) -> MemoryRow:
+    """The driver streams (a row group, the tasks in flight); each actor samples."""
+    neg, w, T, p = d.v.sections["negatives"], d.w, d.T, d.p
+    L = T - p
+    s = d.shapes.get("base")
     bytes_w = 2 if neg.dtype == "bfloat16" else 4
     kv = None if s is None else neg.batch_samples * T * s.layers * 2 * s.d * bytes_w
-    actor = _add(_mul(bytes_w, P.get("base")), kv, _mul(neg.batch_samples, vocab, 8))
-    samples = neg.samples.get(ds, {})
+    actor = _add(_mul(bytes_w, d.P.get("base")), kv, _mul(neg.batch_samples, d.vocab, 8))
+    samples = neg.samples.get(d.ds, {})
     n_max = max(samples.values(), default=1)
     inflight = max(neg.num_workers, 1) * INFLIGHT * neg.shard_windows * (p * 8 + n_max * L * 8 + n_max * 12)
-    shards = _add(*(_mul(cap(w.get(split)), 1 / neg.shard_windows) for split in samples)) if samples else 0.0
+    shards = _add(*(_mul(d.cap(w.get(split)), 1 / neg.shard_windows) for split in samples)) if samples else 0.0
     driver = _add(ROW_GROUP * T * 8, inflight, _mul(shards, SHARD_BYTES))
-    disk = _add(*(_mul(cap(w.get(split)), n, L * 8 + 12) for split, n in samples.items())) if samples else 0.0
-    rows.append(MemoryRow("negatives", driver if neg.num_workers else _add(driver, actor),
-                          actor if neg.num_workers else None,
-                          neg.num_workers, disk, f"actor: LM weights + KV cache of {neg.batch_samples} samples x T; "
-                          f"driver: a row group + {INFLIGHT} shards in flight per actor",
-                          gpu_workers=neg.num_workers > 0 and neg.gpus_per_worker > 0))
+    disk = _add(*(_mul(d.cap(w.get(split)), n, L * 8 + 12) for split, n in samples.items())) if samples else 0.0
+    return MemoryRow("negatives", driver if neg.num_workers else _add(driver, actor),
+                     actor if neg.num_workers else None,
+                     neg.num_workers, disk, f"actor: LM weights + KV cache of {neg.batch_samples} samples x T; "
+                     f"driver: a row group + {INFLIGHT} shards in flight per actor",
+                     gpu_workers=workers_on_gpu(neg))
 
+
+def _energy_memory(d: _Dataset) -> list[MemoryRow]:
+    """pretrain_mlm (BIT's encoder) and the energies: an 8-byte id per window, pairs read from disk."""
+    ebm, mlm, P, T, w = d.v.sections["train_ebm"], d.v.sections["pretrain_mlm"], d.P, d.T, d.w
+    tr, va = w.get("train"), w.get("valid")
+    rows = []
     if mlm is not None and ebm.bit is not None:
-        rows.append(_training("pretrain_mlm", P.get("mlm"), 0, shapes.get("mlm"), mlm.optim, T, vocab, 1,
+        rows.append(_training("pretrain_mlm", P.get("mlm"), 0, d.shapes.get("mlm"), mlm.optim, T, d.vocab, 1,
                               0.0, "train windows read by rows from disk", disk=_mul(tr, T, 4)))
-    n_train = samples.get("train", 1)
-    for variant in ("unit", "bit", "bit_star", "bit_large"):
+    n_train = d.v.sections["negatives"].samples.get(d.ds, {}).get("train", 1)
+    for variant in ENERGY_VARIANTS:
         cfg = getattr(ebm, variant)
         if cfg is None:
             continue
-        ids = _mul(_add(cap(tr), va), 8)
-        store = _add(_mul(cap(tr), T, 4), _mul(cap(tr), n_train, L, 4))
-        rows.append(_training(f"train_ebm_{variant}", P.get(variant), 0, shapes.get(variant), cfg.optim, T, None, 2,
+        ids = _mul(_add(d.cap(tr), va), 8)
+        store = _add(_mul(d.cap(tr), T, 4), _mul(d.cap(tr), n_train, T - d.p, 4))
+        rows.append(_training(stage_name(variant), P.get(variant), 0, d.shapes.get(variant), cfg.optim, T, None, 2,
                               ids, "8 B per window id (pairs read from the on-disk store)", disk=store))
+    return rows
 
-    # evaluate and generate: the models, one forward batch per worker, the per-prefix energies
+
+def _scoring_memory(d: _Dataset) -> list[MemoryRow]:
+    """evaluate, generate and stepwise: the models, one forward batch per worker, the per-prefix energies."""
+    ev, gen, sw = (d.v.sections[k] for k in ("evaluate", "generate", "stepwise"))
+    neg, P, T = d.v.sections["negatives"], d.P, d.T
     energies = [P.get(e) for e in ev.energies]
     weights = _mul(4, _add(P.get("base"), max((e for e in energies if e is not None), default=0)))
     batch = neg.batch_samples * T * 8
-    workers = ev.num_workers if hasattr(ev, "num_workers") else 0
-    rows.append(MemoryRow("evaluate", _add(weights, _mul(w.get("test"), sum(ev.n_eval.values()), 8)),
-                          _add(weights, batch) if workers else None, workers, None,
-                          "the base LM + the largest energy, a forward batch; float64 energies per prefix and sample "
-                          "(the plan's evaluate note has the detail)"))
-    rows.append(MemoryRow("generate", _add(_mul(4, _add(P.get("base"), P.get(gen.energy))), batch), None, 0, None,
-                          "the base LM + its energy and a forward batch"))
-    sw = v.sections["stepwise"]
+    rows = [MemoryRow("evaluate", _add(weights, _mul(d.w.get("test"), sum(ev.n_eval.values()), 8)),
+                      _add(weights, batch) if ev.num_workers else None, ev.num_workers, None,
+                      "the base LM + the largest energy, a forward batch; float64 energies per prefix and sample "
+                      "(the plan's evaluate note has the detail)"),
+            MemoryRow("generate", _add(_mul(4, _add(P.get("base"), P.get(gen.energy))), batch), None, 0, None,
+                      "the base LM + its energy and a forward batch")]
     chunk = sw.candidates * max(1, neg.batch_samples) * T * 8  # a worker's completions in flight
     results = 2 * sw.pairs * sw.candidates * sw.samples * 8  # every context's float64 weights, on the driver
     stepwise_weights = _mul(4, _add(P.get("base"), P.get(sw.energy)))
