@@ -20,7 +20,7 @@ def run(
     progress: bool = True,
 ) -> dict:
     from pipeline.sampling.actor_pool import ray_session_if
-    from pipeline.sampling.negatives import SplitInput, generate_negatives
+    from pipeline.sampling.negatives import NegativesSettings, SplitInput, generate_negatives
 
     cfg = load_section(NegativesConfig, "negatives", params)
     tok = load_section(TokenizeConfig, "tokenize", params)
@@ -36,12 +36,12 @@ def run(
 
     start = time.perf_counter()
     with ray_session_if(cfg.num_workers > 0, ray_address, cfg.num_workers * cfg.cpus_per_worker) as session:
-        stats = generate_negatives(
-            model_dir, splits, paths.negatives, new_tokens=tok.continuation_len, top_k=cfg.top_k, seed=seed,
-            shard_windows=cfg.shard_windows, batch_samples=cfg.batch_samples, num_workers=cfg.num_workers,
-            cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-            dtype=resolve_dtype(cfg.dtype, work_device), device=str(work_device), progress=progress,
+        settings = NegativesSettings(
+            new_tokens=tok.continuation_len, top_k=cfg.top_k, seed=seed, shard_windows=cfg.shard_windows,
+            batch_samples=cfg.batch_samples, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+            gpus_per_worker=cfg.gpus_per_worker, dtype=resolve_dtype(cfg.dtype, work_device), device=str(work_device),
         )
+        stats = generate_negatives(model_dir, splits, paths.negatives, settings, progress=progress)
     ray = (session or {"address": "none (in process)"})["address"]
     summary = {
         "dataset": dataset,

@@ -21,7 +21,7 @@ from pipeline.core.precision import actor_device, pool_device, resolve_dtype
 from pipeline.estimation.scoring import score_energies
 from pipeline.sampling.negatives import generate_negatives
 from tests.conftest import REPO, build_toy_run
-from tests.test_negatives import SETTINGS, assert_same, save_tiny_lm, split_inputs
+from tests.test_negatives import assert_same, save_tiny_lm, settings, split_inputs
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,12 @@ def test_the_device_of_a_pool() -> None:
 def test_each_gpu_actor_gets_its_own_gpu_and_the_cpu_actors_output(fake_gpu_ray, tmp_path: Path) -> None:
     model_dir = save_tiny_lm(tmp_path / "lm")
     ref = tmp_path / "cpu"
-    generate_negatives(model_dir, split_inputs(), ref, num_workers=1, cpus_per_worker=1, progress=False, **SETTINGS)
+    generate_negatives(model_dir, split_inputs(), ref, settings(num_workers=1, cpus_per_worker=1), progress=False)
     out = tmp_path / "gpu"
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, gpus_per_worker=1,
-                               device="cuda", progress=False, **SETTINGS)
+    stats = generate_negatives(
+        model_dir, split_inputs(), out,
+        settings(num_workers=2, cpus_per_worker=1, gpus_per_worker=1, device="cuda"), progress=False,
+    )
     assert sorted(w["cuda_visible_devices"] for w in stats["workers"]) == ["0", "1"]
     assert {w["device"] for w in stats["workers"]} == {"cpu"}  # no CUDA here: the model stays on the CPU
     assert_same(out, ref)
@@ -79,15 +81,15 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import build_toy_run
 from stages import evaluate, generate
-from pipeline.sampling.negatives import SplitInput, generate_negatives
+from pipeline.sampling.negatives import NegativesSettings, SplitInput, generate_negatives
 import numpy as np
 root = build_toy_run(Path({root!r}))
 ev = evaluate.run("toy", root / "params.yaml", root=root, progress=False)
 gen = generate.run("toy", root / "params.yaml", root=root, progress=False)
 inputs = {{"train": SplitInput(np.arange(3), np.ones((3, 4), np.int64), 2)}}
-neg = generate_negatives(root / "models/toy/lm/base", inputs,
-                         root / "negatives", new_tokens=3, top_k=0, seed=1, shard_windows=2, batch_samples=8,
-                         num_workers=0, progress=False)
+neg = generate_negatives(root / "models/toy/lm/base", inputs, root / "negatives",
+                         NegativesSettings(new_tokens=3, top_k=0, seed=1, shard_windows=2, batch_samples=8,
+                                           num_workers=0), progress=False)
 print(json.dumps({{"table1": sorted(ev["perplexity"]), "generated": gen["n_gen"], "rows": neg["rows"],
                   "ray": "ray" in sys.modules and sys.modules["ray"] is not None}}))
 """

@@ -23,7 +23,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.data.tokenization import SPLIT_ID_BASE, WINDOWS_SCHEMA
 from pipeline.sampling.actor_pool import ray_session
-from pipeline.sampling.negatives import NEGATIVES_SCHEMA, SplitInput, generate_negatives, read_negatives
+from pipeline.sampling.negatives import (
+    NEGATIVES_SCHEMA,
+    NegativesSettings,
+    SplitInput,
+    generate_negatives,
+    read_negatives,
+)
 from pipeline.sampling.sampler import full_forward_logprobs
 from tests.conftest import REPO
 
@@ -31,6 +37,11 @@ VOCAB, P, L = 96, 10, 6
 N = {"train": 5, "test": 9}
 WINDOWS = {"train": 18, "test": 7}
 SETTINGS = dict(new_tokens=L, top_k=0, seed=2020, shard_windows=4, batch_samples=12)
+
+
+def settings(**run) -> NegativesSettings:
+    """SETTINGS plus where the sampling runs (num_workers, cpus_per_worker, …)."""
+    return NegativesSettings(**SETTINGS, **run)
 
 
 def save_tiny_lm(path: Path, seed: int = 0) -> Path:
@@ -85,8 +96,8 @@ def reference(local_ray, model_dir, tmp_path_factory) -> tuple[Path, dict]:
     differ in the last bit between 1 and 2 threads, so scaling is by adding workers.
     """
     out = tmp_path_factory.mktemp("ref") / "negatives"
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=1, cpus_per_worker=1, progress=False,
-                               **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, settings(num_workers=1, cpus_per_worker=1),
+                               progress=False)
     return out, stats
 
 
@@ -113,8 +124,8 @@ def test_exact_counts_and_log_probs_of_the_output(reference, model_dir) -> None:
 def test_two_workers_write_the_same_bytes_as_one(reference, model_dir, tmp_path) -> None:
     ref, _ = reference
     out = tmp_path / "negatives"
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
-                               **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, settings(num_workers=2, cpus_per_worker=1),
+                               progress=False)
     assert len({w["pid"] for w in stats["workers"]}) == 2 and {w["threads"] for w in stats["workers"]} == {1}
     assert_same(out, ref)
 
@@ -134,8 +145,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_shards_redone(reference, mo
             killed.append(shard.index)
 
     stats = generate_negatives(
-        model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
-        on_shard_done=kill_first_worker, **SETTINGS,
+        model_dir, split_inputs(), out, settings(num_workers=2, cpus_per_worker=1), progress=False,
+        on_shard_done=kill_first_worker,
     )
     assert killed and stats["actor_failures"] >= 1 and stats["resubmissions"] >= 1
     assert stats["shards_computed"] == 7
@@ -158,14 +169,14 @@ def test_resume_keeps_finished_shards_and_computes_only_the_missing(reference, m
 
     with pytest.raises(Interrupted):
         generate_negatives(
-            model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
-            on_shard_done=interrupt_after_three, **SETTINGS,
+            model_dir, split_inputs(), out, settings(num_workers=2, cpus_per_worker=1), progress=False,
+            on_shard_done=interrupt_after_three,
         )
     assert sorted(shard_files(out)) == sorted(done)
     mtimes = {p: p.stat().st_mtime_ns for p in done}
     time.sleep(0.01)
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
-                               **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, settings(num_workers=2, cpus_per_worker=1),
+                               progress=False)
     assert (stats["shards_reused"], stats["shards_computed"]) == (3, 4)
     assert stats["rows_computed"] == stats["rows"] - sum(pq.read_metadata(p).num_rows for p in done)
     assert {p: p.stat().st_mtime_ns for p in done} == mtimes  # not rewritten
@@ -184,8 +195,8 @@ def test_damaged_stale_or_foreign_shards_are_recomputed(reference, model_dir, tm
     (out / "train" / "shard-00099.parquet").write_bytes(b"left by an older run")
     (out / "train" / ".shard-00003.parquet.tmp-abcd1234").write_bytes(b"killed mid-write")
     (out / "valid").mkdir()  # a split no longer configured
-    stats = generate_negatives(model_dir, split_inputs(), out, num_workers=2, cpus_per_worker=1, progress=False,
-                               **SETTINGS)
+    stats = generate_negatives(model_dir, split_inputs(), out, settings(num_workers=2, cpus_per_worker=1),
+                               progress=False)
     assert (stats["shards_reused"], stats["shards_computed"]) == (4, 3)
     assert not (out / "valid").exists() and not (out / "train" / "shard-00099.parquet").exists()
     assert sorted(p.name for p in (out / "train").iterdir()) == [f"shard-0000{i}.parquet" for i in range(5)]

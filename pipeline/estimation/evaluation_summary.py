@@ -91,66 +91,91 @@ class EvaluationInputs:
     last_lm: np.ndarray | None  # [E, V] log P_LM(v | x_<T) on the exact rows
 
 
+@dataclass(frozen=True)
+class _Baseline:
+    """BASE LM on the N test windows: what every Table 1 row is compared with."""
+
+    seq: np.ndarray  # [N] log P_LM of each window's continuation
+    ppl: float
+    tokens: int  # N · L
+    L: int
+    documents: np.ndarray  # [N] the resampling unit of the intervals
+
+    def vs(self, ppl: float) -> float:
+        """`ppl` relative to BASE LM's, in percent."""
+        return round(100 * (ppl / self.ppl - 1), 3)
+
+    def ratio_ci(self, nll: np.ndarray, name: str, boot, seed: int) -> list[float] | None:
+        ci = paired_ratio_interval(nll, -self.seq, self.documents, self.L, boot.level, boot.resamples,
+                                   bootstrap_seed(seed, name))
+        return None if ci is None else ci.as_list()
+
+
+def _nll_by_samples(base_seq: np.ndarray, e: dict[str, np.ndarray], n: int) -> dict[int, tuple]:
+    """Per-prefix T_k, U_k once for every k of Figure 2 (left); Table 1 is its last point, k = n:
+    k -> (NLL low end [N], NLL high end [N], mean lower log Z, mean upper log Z)."""
+    log_weights = -e["samples"]
+    nll = {}
+    for k in doubling_counts(n):
+        lower_log_z, upper_log_z = log_partition_bounds(torch.from_numpy(log_weights[:, :k]))
+        nll[k] = (*joint_nll_given_log_z(base_seq, e["real"], lower_log_z, upper_log_z),
+                  float(lower_log_z.mean()), float(upper_log_z.mean()))
+    return nll
+
+
+def _joint_row(variant: str, e: dict[str, np.ndarray], base: _Baseline, parameters: dict[str, int], cfg,
+               seed: int) -> tuple[dict, tuple[np.ndarray, np.ndarray], dict]:
+    """One energy's Table 1 row: (its metrics, its per-window NLL ends, its Figure 2 curve)."""
+    n = e["samples"].shape[1]  # n_eval, or fewer where the draw stopped as futile
+    log_weights = -e["samples"]
+    nll = _nll_by_samples(base.seq, e, n)
+    nll_low, nll_high = nll[n][0].numpy(), nll[n][1].numpy()
+    joint = JointRange(*perplexity_range(nll_low, nll_high, base.tokens))
+    verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)
+    self_normalised = self_normalised_perplexity(base.seq, e["real"], base.tokens)
+    # the verdict fitted k̂ on these same draws: the stop's reason reads it rather than fitting again
+    stopped = (stop_reason(n, verdict.diagnostics.mean_khat, cfg.convergence.stop_khat)
+               if n < cfg.n_eval[variant] else None)
+    metrics = {
+        "n_eval": n,
+        "n_eval_cap": cfg.n_eval[variant],
+        "stopped": stopped,
+        "ppl_low": round(joint.low, 3),
+        "ppl_high": round(joint.high, 3),
+        "vs_base_pct_low": base.vs(joint.low),
+        "vs_base_pct_high": base.vs(joint.high),
+        "high_below_base": joint.high < base.ppl,
+        "self_normalised_ppl": round(self_normalised, 3),
+        "vs_base_pct_self_normalised": base.vs(self_normalised),
+        # The T_n end against BASE LM is no pair of `paired` (a row enters it at its U_n end).
+        "ratio_to_base_ci_low": base.ratio_ci(nll_low, f"{variant}/low", cfg.bootstrap, seed),
+        "convergence": verdict.as_dict() | ({"reason": f"{stopped}; {verdict.reason}"} if stopped else {}),
+        "verdict": verdict.label,
+        "parameters": parameters["base"] + parameters[variant],
+        "energy_parameters": parameters[variant],
+        "mean_energy_real": round(float(e["real"].mean()), 4),
+        "mean_energy_lm_samples": round(float(e["samples"].mean()), 4),
+    }
+    curve = {k: (JointRange(*perplexity_range(low, high, base.tokens)), t, u) for k, (low, high, t, u) in nll.items()}
+    return metrics, (nll_low, nll_high), curve
+
+
 def summarise(inputs: EvaluationInputs, cfg, seed: int) -> dict:
     """metrics.json, Table 1 and the Figure 1 / Figure 2 (left) rows from the evaluate stage's arrays."""
     x = inputs
     N, L = x.windows.shape[0], x.windows.shape[1] - x.prefix_len
     tokens = N * L
     base_seq = x.lm_logprobs["base"].sum(axis=1)
-    base_ppl = float(np.exp(-base_seq.sum() / tokens))
+    base = _Baseline(base_seq, float(np.exp(-base_seq.sum() / tokens)), tokens, L, x.window_documents)
     boot = cfg.bootstrap
-
-    def vs_base(ppl: float) -> float:
-        return round(100 * (ppl / base_ppl - 1), 3)
-
-    def ratio_ci(nll: np.ndarray, name: str) -> list[float] | None:
-        ci = paired_ratio_interval(nll, -base_seq, x.window_documents, L, boot.level, boot.resamples,
-                                   bootstrap_seed(seed, name))
-        return None if ci is None else ci.as_list()
 
     metrics_lm, metrics_joint, curves, joint_nll = {}, {}, {}, {}
     for variant, logprobs in x.lm_logprobs.items():
         ppl = float(np.exp(-logprobs.sum() / tokens))
         metrics_lm[variant] = {"ppl": round(ppl, 3), "parameters": x.parameters[variant]}
     for variant, e in x.energies.items():
-        n = e["samples"].shape[1]  # n_eval, or fewer where the draw stopped as futile
-        log_weights = -e["samples"]
-        # Per-prefix T_k, U_k once for every k of Figure 2 (left); Table 1 is its last point, k = n.
-        nll = {}
-        for k in doubling_counts(n):
-            lower_log_z, upper_log_z = log_partition_bounds(torch.from_numpy(log_weights[:, :k]))
-            nll[k] = (*joint_nll_given_log_z(base_seq, e["real"], lower_log_z, upper_log_z),
-                      float(lower_log_z.mean()), float(upper_log_z.mean()))
-        nll_low, nll_high = nll[n][0].numpy(), nll[n][1].numpy()
-        joint_nll[variant] = (nll_low, nll_high)
-        joint = JointRange(*perplexity_range(nll_low, nll_high, tokens))
-        verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)
-        self_normalised = self_normalised_perplexity(base_seq, e["real"], tokens)
-        # the verdict fitted k̂ on these same draws: the stop's reason reads it rather than fitting again
-        stopped = (stop_reason(n, verdict.diagnostics.mean_khat, cfg.convergence.stop_khat)
-                   if n < cfg.n_eval[variant] else None)
-        metrics_joint[variant] = {
-            "n_eval": n,
-            "n_eval_cap": cfg.n_eval[variant],
-            "stopped": stopped,
-            "ppl_low": round(joint.low, 3),
-            "ppl_high": round(joint.high, 3),
-            "vs_base_pct_low": vs_base(joint.low),
-            "vs_base_pct_high": vs_base(joint.high),
-            "high_below_base": joint.high < base_ppl,
-            "self_normalised_ppl": round(self_normalised, 3),
-            "vs_base_pct_self_normalised": vs_base(self_normalised),
-            # The T_n end against BASE LM is no pair of `paired` (a row enters it at its U_n end).
-            "ratio_to_base_ci_low": ratio_ci(nll_low, f"{variant}/low"),
-            "convergence": verdict.as_dict() | ({"reason": f"{stopped}; {verdict.reason}"} if stopped else {}),
-            "verdict": verdict.label,
-            "parameters": x.parameters["base"] + x.parameters[variant],
-            "energy_parameters": x.parameters[variant],
-            "mean_energy_real": round(float(e["real"].mean()), 4),
-            "mean_energy_lm_samples": round(float(e["samples"].mean()), 4),
-        }
-        curves[variant] = {k: (JointRange(*perplexity_range(low, high, tokens)), t, u)
-                           for k, (low, high, t, u) in nll.items()}
+        metrics_joint[variant], joint_nll[variant], curves[variant] = _joint_row(variant, e, base, x.parameters,
+                                                                                 cfg, seed)
 
     paired = paired_comparisons(row_nlls(x.lm_logprobs, joint_nll), x.window_documents, L, boot, seed)
     for variant in metrics_lm.keys() - {"base"}:

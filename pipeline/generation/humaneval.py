@@ -7,7 +7,7 @@ four comparisons as an attention check and drop responses if the turker did not 
 check." (A.4) Table 2 reports, per model pair, the percentage of sentences whose majority
 prefers one model, with a one-sided binomial p-value.
 
-`export_sheet` writes the sheet a rater fills in (a self-contained HTML page, rendered from
+`export_sheet` writes the sheet a rater fills in (a self-contained HTML page that `humaneval_sheet` renders from
 templates/sheet.html.j2 with sheet.css and sheet.js inlined; its script downloads the rater's
 votes as CSV) and `pairs.csv`, the key that says which system is behind each side.
 `score_votes` reads the key and the votes, drops raters who fail an attention check and
@@ -29,25 +29,21 @@ rest of the pipeline: the same seed and data always give the same sheet.
 from __future__ import annotations
 
 import csv
-import functools
-import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pyarrow as pa
-from markupsafe import Markup
 
 from pipeline.core.errors import RebmError
 from pipeline.core.io import atomic_output
 from pipeline.core.seeds import humaneval_seed
+from pipeline.generation.humaneval_sheet import ITEMS_PER_PAGE, render_sheet
 from pipeline.sampling.sampler import sample_uniforms
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("joint", "base"), ("joint", "gold"))
-ITEMS_PER_PAGE = 4  # A.4: "Every page asks for 4 comparisons", one of them an attention check
 ATTENTION_COMPARISON = "attention check"
 GOLD, DECOY = "gold", "decoy"
 
@@ -165,67 +161,22 @@ def export_sheet(
     """
     if not generations:
         raise RebmError("no generations to export")
-    pairs = [tuple(p) for p in pairs]
-    if not pairs:
-        raise RebmError("no model pairs to compare")
-    for p in pairs:
-        if len(p) != 2 or p[0] == p[1] or DECOY in p or any(not s or " vs " in s for s in p):
-            raise RebmError(f"model pair {p!r}: expected two different, non-empty system names (not '{DECOY}')")
-    if len(set(pairs)) != len(pairs):
-        raise RebmError(f"model pairs repeat: {pairs}")
-    if windows_per_dataset is not None and windows_per_dataset < 1:
-        raise RebmError(f"windows_per_dataset must be >= 1, got {windows_per_dataset}")
+    pairs = _checked_pairs(pairs, windows_per_dataset)
     systems = {s for p in pairs for s in p} | {GOLD}
-
     real: list[tuple[float, str, int, int, _Item]] = []
     check_pools: dict[str, list[dict[str, Any]]] = {}
     reused: list[str] = []  # datasets whose checks reuse compared windows
     for dataset, table in generations.items():
-        rows = _rows(dataset, table, systems)
-        if not rows:
-            raise RebmError(f"generations of dataset '{dataset}': no rows")
-        ids = [int(r["window_id"]) for r in rows]
-        pick = _uniforms(seed, ("windows", dataset), ids)[:, 0, 0]
-        ranked = [rows[i] for i in np.argsort(pick, kind="stable")]
-        keep = len(ranked) if windows_per_dataset is None else min(windows_per_dataset, len(ranked))
-        compared, held_out = ranked[:keep], ranked[keep:]
-        check_pools[dataset] = held_out or compared  # reuse compared windows only if none are left
-        if not held_out:
+        items, check_pools[dataset], reuses = _dataset_items(dataset, _rows(dataset, table, systems), pairs, seed,
+                                                             windows_per_dataset)
+        real.extend(items)
+        if reuses:
             reused.append(dataset)
-        compared_ids = [int(r["window_id"]) for r in compared]
-        side = _uniforms(seed, ("side", dataset), compared_ids, len(pairs))[:, :, 0]
-        order = _uniforms(seed, ("order", dataset), compared_ids, len(pairs))[:, :, 0]
-        for w, r in enumerate(compared):
-            for j, (m1, m2) in enumerate(pairs):
-                a, b = (m2, m1) if side[w, j] < 0.5 else (m1, m2)
-                item = _Item(dataset, compared_ids[w], f"{m1} vs {m2}", r["prefix_text"], a, b,
-                             r[f"{a}_text"], r[f"{b}_text"], False)
-                real.append((float(order[w, j]), dataset, compared_ids[w], j, item))
     real.sort(key=lambda t: t[:4])
     comparisons = [t[4] for t in real]
-
-    # One attention check per page of ITEMS_PER_PAGE − 1 comparisons, cycling through each
-    # dataset's pool; the check's dataset is that of the page's first comparison.
-    per_page = ITEMS_PER_PAGE - 1
-    next_check = {d: 0 for d in check_pools}
-    sheet: list[_Item] = []
-    n_pages = -(-len(comparisons) // per_page)
-    for page in range(n_pages):
-        chunk = comparisons[page * per_page : (page + 1) * per_page]
-        check = _attention_item(chunk[0].dataset, check_pools, next_check, seed, page)
-        position = int(_uniforms(seed, ("check-position",), [page])[0, 0, 0] * (len(chunk) + 1))
-        sheet.extend(chunk[:position] + [check] + chunk[position:])
+    sheet, n_pages = _paginate(comparisons, check_pools, seed)
     ids = [f"q{i + 1:05d}" for i in range(len(sheet))]
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pairs_csv, sheet_html = out_dir / "pairs.csv", out_dir / "sheet.html"
-    _write_pairs_csv(pairs_csv, sheet, ids)
-    with atomic_output(sheet_html, directory=False) as tmp:
-        # The sheet id keys the rater's saved answers in the browser: another sheet must not reuse them.
-        sheet_id = humaneval_seed(seed, "sheet",
-                                  *(f"{it.dataset}/{it.window_id}/{it.system_a}/{it.system_b}" for it in sheet))
-        tmp.write_text(render_sheet(sheet, ids, title, sheet_id), encoding="utf-8")
+    pairs_csv, sheet_html = _write_sheet(Path(out_dir), sheet, ids, seed, title)
     counts: dict[str, int] = {}
     for it in comparisons:
         key = f"{it.dataset}: {it.comparison}"
@@ -241,6 +192,71 @@ def export_sheet(
         "pairs_csv": str(pairs_csv),
         "sheet_html": str(sheet_html),
     }
+
+
+def _checked_pairs(pairs: Sequence[tuple[str, str]], windows_per_dataset: int | None) -> list[tuple[str, str]]:
+    pairs = [tuple(p) for p in pairs]
+    if not pairs:
+        raise RebmError("no model pairs to compare")
+    for p in pairs:
+        if len(p) != 2 or p[0] == p[1] or DECOY in p or any(not s or " vs " in s for s in p):
+            raise RebmError(f"model pair {p!r}: expected two different, non-empty system names (not '{DECOY}')")
+    if len(set(pairs)) != len(pairs):
+        raise RebmError(f"model pairs repeat: {pairs}")
+    if windows_per_dataset is not None and windows_per_dataset < 1:
+        raise RebmError(f"windows_per_dataset must be >= 1, got {windows_per_dataset}")
+    return pairs
+
+
+def _dataset_items(dataset: str, rows: list[dict[str, Any]], pairs: list[tuple[str, str]], seed: int,
+                   windows_per_dataset: int | None) -> tuple[list[tuple[float, str, int, int, _Item]], list, bool]:
+    """One dataset's comparisons (each with its sort key), its attention-check pool, and whether
+    that pool reuses compared windows (none were held out)."""
+    if not rows:
+        raise RebmError(f"generations of dataset '{dataset}': no rows")
+    pick = _uniforms(seed, ("windows", dataset), [int(r["window_id"]) for r in rows])[:, 0, 0]
+    ranked = [rows[i] for i in np.argsort(pick, kind="stable")]
+    keep = len(ranked) if windows_per_dataset is None else min(windows_per_dataset, len(ranked))
+    compared, held_out = ranked[:keep], ranked[keep:]
+    compared_ids = [int(r["window_id"]) for r in compared]
+    side = _uniforms(seed, ("side", dataset), compared_ids, len(pairs))[:, :, 0]
+    order = _uniforms(seed, ("order", dataset), compared_ids, len(pairs))[:, :, 0]
+    items = []
+    for w, r in enumerate(compared):
+        for j, (m1, m2) in enumerate(pairs):
+            a, b = (m2, m1) if side[w, j] < 0.5 else (m1, m2)
+            item = _Item(dataset, compared_ids[w], f"{m1} vs {m2}", r["prefix_text"], a, b,
+                         r[f"{a}_text"], r[f"{b}_text"], False)
+            items.append((float(order[w, j]), dataset, compared_ids[w], j, item))
+    return items, held_out or compared, not held_out  # reuse compared windows only if none are left
+
+
+def _paginate(comparisons: list[_Item], check_pools: dict[str, list[dict[str, Any]]],
+              seed: int) -> tuple[list[_Item], int]:
+    """One attention check per page of ITEMS_PER_PAGE − 1 comparisons, cycling through each
+    dataset's pool; the check's dataset is that of the page's first comparison."""
+    per_page = ITEMS_PER_PAGE - 1
+    next_check = {d: 0 for d in check_pools}
+    sheet: list[_Item] = []
+    n_pages = -(-len(comparisons) // per_page)
+    for page in range(n_pages):
+        chunk = comparisons[page * per_page : (page + 1) * per_page]
+        check = _attention_item(chunk[0].dataset, check_pools, next_check, seed, page)
+        position = int(_uniforms(seed, ("check-position",), [page])[0, 0, 0] * (len(chunk) + 1))
+        sheet.extend(chunk[:position] + [check] + chunk[position:])
+    return sheet, n_pages
+
+
+def _write_sheet(out_dir: Path, sheet: list[_Item], ids: list[str], seed: int, title: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs_csv, sheet_html = out_dir / "pairs.csv", out_dir / "sheet.html"
+    _write_pairs_csv(pairs_csv, sheet, ids)
+    with atomic_output(sheet_html, directory=False) as tmp:
+        # The sheet id keys the rater's saved answers in the browser: another sheet must not reuse them.
+        sheet_id = humaneval_seed(seed, "sheet",
+                                  *(f"{it.dataset}/{it.window_id}/{it.system_a}/{it.system_b}" for it in sheet))
+        tmp.write_text(render_sheet(sheet, ids, title, sheet_id), encoding="utf-8")
+    return pairs_csv, sheet_html
 
 
 def _attention_item(
@@ -260,48 +276,6 @@ def _attention_item(
         return _Item(dataset, wid, ATTENTION_COMPARISON, row["prefix_text"], a, b, texts[a], texts[b], True)
     raise RebmError(
         f"generations of dataset '{dataset}': no gold continuation with two distinct words to build an attention check"
-    )
-
-
-@functools.cache
-def _templates() -> jinja2.Environment:
-    """The sheet's template folder (sheet.html.j2 inlines sheet.css and sheet.js)."""
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=jinja2.select_autoescape(("html", "html.j2")),
-    )
-
-
-def _esc(text: str) -> Markup:
-    """html.escape, marked safe for the template: the sheet's escaping stays html.escape's
-    (&quot; &#x27;), not markupsafe's (&#34; &#39;), whatever autoescaping would do."""
-    return Markup(html.escape(text))
-
-
-def render_sheet(items: Sequence[_Item], ids: Sequence[str], title: str, sheet_id: int = 0) -> str:
-    """The self-contained HTML sheet (templates/sheet.html.j2): inline CSS and JS, no external
-    assets, no system names."""
-    pages = [
-        {
-            "number": page + 1,
-            "entries": [
-                {
-                    "id": _esc(ids[k]),
-                    "prefix": _esc(items[k].prefix),
-                    "choices": [
-                        {"side": side, "text": _esc(text.strip())}
-                        for side, text in (("A", items[k].text_a), ("B", items[k].text_b))
-                    ],
-                }
-                for k in range(page * ITEMS_PER_PAGE, min((page + 1) * ITEMS_PER_PAGE, len(items)))
-            ],
-        }
-        for page in range(-(-len(items) // ITEMS_PER_PAGE))
-    ]
-    return _templates().get_template("sheet.html.j2").render(
-        title=_esc(title), sheet_id=f"{sheet_id:016x}", pages=pages
     )
 
 

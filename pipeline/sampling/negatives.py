@@ -318,81 +318,111 @@ class SampleJob:
 
 
 # --------------------------------------------------------------------------- the whole job
+@dataclass(frozen=True)
+class NegativesSettings:
+    """How `generate_negatives` samples: what the shards' content depends on (new_tokens, top_k,
+    seed, shard_windows, batch_samples, dtype), and where it runs (workers, their CPUs / GPUs,
+    device). `dtype` is resolved ("float32" or "bfloat16")."""
+
+    new_tokens: int
+    top_k: int
+    seed: int
+    shard_windows: int
+    batch_samples: int
+    num_workers: int
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
 def generate_negatives(
     model_dir: Path,
     splits: dict[str, SplitInput],
     out_dir: Path,
+    settings: NegativesSettings,
     *,
-    new_tokens: int,
-    top_k: int,
-    seed: int,
-    shard_windows: int,
-    batch_samples: int,
-    num_workers: int,
-    cpus_per_worker: float = 1,
-    gpus_per_worker: float = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
     progress: bool = True,
     on_shard_done: Callable[[Shard, Any], None] | None = None,
 ) -> dict:
     """Sample every split's windows into `out_dir/<split>/shard-*.parquet`; returns stats.
 
-    Ray must already be initialised when num_workers > 0 (see `pipeline.sampling.actor_pool.ray_session`);
-    num_workers 0 samples in this process on `device`. `dtype` is resolved ("float32" or
-    "bfloat16"). Valid existing shards are kept; everything else under out_dir (stale shards,
-    other splits, temp files) is removed.
+    Ray must already be initialised when settings.num_workers > 0 (see
+    `pipeline.sampling.actor_pool.ray_session`); num_workers 0 samples in this process on
+    `settings.device`. Valid existing shards are kept; everything else under out_dir (stale
+    shards, other splits, temp files) is removed.
     """
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     files = read_model_files(model_dir)
     model_fp = model_fingerprint(files)
-    vocab, positions = model_positions(files)
-    plans: dict[str, list[Shard]] = {}
-    for split, inp in splits.items():
-        if inp.n <= 0:
-            raise RebmError(f"negatives: split '{split}' asks for {inp.n} samples per window")
-        if positions is not None and inp.width + new_tokens > positions:
-            raise RebmError(
-                f"negatives: prefix {inp.width} + {new_tokens} new tokens exceed the "
-                f"model's {positions} positions ({model_dir}/config.json)"
-            )
-        spec = SamplingSpec(inp.n, new_tokens, top_k, seed, batch_samples, dtype)
-        plans[split] = plan_shards(split, inp, spec, shard_windows, model_fp, out_dir, vocab)
+    plans = _plan_splits(model_dir, splits, out_dir, settings, model_fp, files)
 
     _remove_stale(out_dir, plans)
     todo = [s for shards in plans.values() for s in shards if not shard_is_valid(s)]
     stats = PoolStats(shards_reused=sum(len(v) for v in plans.values()) - len(todo))
     start = time.perf_counter()
     if todo:
-        pool = sampler_pool(model_dir, num_workers, cpus_per_worker, gpus_per_worker, top_k, batch_samples, dtype,
-                            device, "negatives")
-        stats.workers = pool.info
-        bar = tqdm(total=sum(s.rows for s in todo), unit="sample", desc="negatives", disable=not progress)
-        t0 = time.perf_counter()
-
-        def done(shard: Shard, result: dict) -> None:
-            write_shard(shard, shard_table(shard, result, shard.window_ids))
-            stats.shards_computed += 1
-            stats.rows_computed += shard.rows
-            stats.new_tokens += shard.new_tokens
-            bar.update(shard.rows)
-            if on_shard_done is not None:
-                on_shard_done(shard, pool)
-
-        # A task's prefixes are read from the windows file when it is submitted, not before.
-        tasks = [Task(f"{s.split}/{s.index}", "sample",
-                      partial(_sample_args, s), s) for s in todo]
-        try:
-            pool.run(tasks, lambda task, result: done(task.payload, result), stats)
-        finally:
-            bar.close()
-            pool.shutdown()
-        stats.sample_seconds = time.perf_counter() - t0
+        _sample_shards(model_dir, todo, settings, stats, progress, on_shard_done)
     wall = time.perf_counter() - start
 
-    manifest = {
+    manifest = _manifest(model_fp, splits, plans, settings)
+    write_json(out_dir / "manifest.json", manifest)
+    return _summary(plans, manifest, stats, wall)
+
+
+def _plan_splits(model_dir: Path, splits: dict[str, SplitInput], out_dir: Path, settings: NegativesSettings,
+                 model_fp: str, files: dict[str, bytes]) -> dict[str, list[Shard]]:
+    """Each split's shards, after checking its n and that prefix + new tokens fit the model."""
+    vocab, positions = model_positions(files)
+    plans: dict[str, list[Shard]] = {}
+    for split, inp in splits.items():
+        if inp.n <= 0:
+            raise RebmError(f"negatives: split '{split}' asks for {inp.n} samples per window")
+        if positions is not None and inp.width + settings.new_tokens > positions:
+            raise RebmError(
+                f"negatives: prefix {inp.width} + {settings.new_tokens} new tokens exceed the "
+                f"model's {positions} positions ({model_dir}/config.json)"
+            )
+        spec = SamplingSpec(inp.n, settings.new_tokens, settings.top_k, settings.seed, settings.batch_samples,
+                            settings.dtype)
+        plans[split] = plan_shards(split, inp, spec, settings.shard_windows, model_fp, out_dir, vocab)
+    return plans
+
+
+def _sample_shards(model_dir: Path, todo: list[Shard], settings: NegativesSettings, stats: PoolStats,
+                   progress: bool, on_shard_done: Callable[[Shard, Any], None] | None) -> None:
+    """Compute the shards in `todo` on a pool of sampler workers, writing each as it lands."""
+    from tqdm import tqdm
+
+    pool = sampler_pool(model_dir, settings.num_workers, settings.cpus_per_worker, settings.gpus_per_worker,
+                        settings.top_k, settings.batch_samples, settings.dtype, settings.device, "negatives")
+    stats.workers = pool.info
+    bar = tqdm(total=sum(s.rows for s in todo), unit="sample", desc="negatives", disable=not progress)
+    t0 = time.perf_counter()
+
+    def done(shard: Shard, result: dict) -> None:
+        write_shard(shard, shard_table(shard, result, shard.window_ids))
+        stats.shards_computed += 1
+        stats.rows_computed += shard.rows
+        stats.new_tokens += shard.new_tokens
+        bar.update(shard.rows)
+        if on_shard_done is not None:
+            on_shard_done(shard, pool)
+
+    # A task's prefixes are read from the windows file when it is submitted, not before.
+    tasks = [Task(f"{s.split}/{s.index}", "sample",
+                  partial(_sample_args, s), s) for s in todo]
+    try:
+        pool.run(tasks, lambda task, result: done(task.payload, result), stats)
+    finally:
+        bar.close()
+        pool.shutdown()
+    stats.sample_seconds = time.perf_counter() - t0
+
+
+def _manifest(model_fp: str, splits: dict[str, SplitInput], plans: dict[str, list[Shard]],
+              settings: NegativesSettings) -> dict:
+    return {
         "model_fingerprint": model_fp,
         "splits": {
             split: {
@@ -403,12 +433,14 @@ def generate_negatives(
             }
             for split, shards in plans.items()
         },
-        "new_tokens": new_tokens,
-        "top_k": top_k,
-        "seed": seed,
+        "new_tokens": settings.new_tokens,
+        "top_k": settings.top_k,
+        "seed": settings.seed,
         "sampler_version": SAMPLER_VERSION,
     }
-    write_json(out_dir / "manifest.json", manifest)
+
+
+def _summary(plans: dict[str, list[Shard]], manifest: dict, stats: PoolStats, wall: float) -> dict:
     return {
         "rows": int(sum(s.rows for shards in plans.values() for s in shards)),
         "rows_computed": stats.rows_computed,

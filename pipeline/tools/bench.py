@@ -7,11 +7,20 @@ matrix-multiply peak measurement.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.core.config import LMVariantConfig, RalmConfig, TokenizeConfig, load_device, load_section, load_subsection
+from pipeline.core.config import (
+    LMVariantConfig,
+    OptimConfig,
+    RalmConfig,
+    TokenizeConfig,
+    load_device,
+    load_section,
+    load_subsection,
+)
 from pipeline.core.errors import RebmError
 from pipeline.tools.throughput import lm_flops_per_token, matmul_dtype, matmul_peak_gflops, peak_fraction, sync
 
@@ -149,15 +158,7 @@ def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 
     each worker's partial gradient sums).
     Opens its own Ray session for the N-worker run (RAY_ADDRESS, else a local Ray).
     """
-    import copy
-    import functools
-    import tempfile
-
-    from pipeline.core.config import OptimConfig
     from pipeline.core.precision import resolve_device, resolve_precision
-    from pipeline.training.distributed import cluster_for, training_device
-    from pipeline.training.loop import ShuffledBatches
-    from pipeline.training.trainer import train
 
     if workers < 2:
         raise RebmError("bench train: --workers must be at least 2 to compare with the 1-worker baseline")
@@ -169,46 +170,7 @@ def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 
     torch.manual_seed(0)
     model, _, optim = _bench_model(params, variant, vocab_size, seq_len)
     data = torch.randint(0, vocab_size, (optim.batch_size * 4, seq_len), generator=torch.Generator().manual_seed(0))
-    total_steps = warmup + steps
-
-    def config(n: int) -> OptimConfig:
-        try:
-            return OptimConfig.model_validate({
-                **optim.model_dump(), "workers": n, "grad_accum": 1, "max_steps": total_steps,
-                "warmup_steps": min(optim.warmup_steps, total_steps - 1), "eval_every": total_steps + 1,
-                "checkpoint_every": total_steps + 1,
-            })
-        except ValueError as exc:
-            raise RebmError(f"bench train --workers {n}: {exc}") from None
-
-    def timed(n: int, threads: int) -> dict:
-        cfg = config(n)
-        run_device = training_device(cfg, device)
-        replica = copy.deepcopy(model).to(device)  # the same initial weights for every run
-        saved_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        started = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory(prefix="rebm-bench-dp-") as tmp, cluster_for(cfg):
-                result = train(
-                    replica, functools.partial(_bench_lm_loss, run_device),
-                    functools.partial(ShuffledBatches, data, cfg.batch_size, 0), _no_validation, cfg,
-                    checkpoint_dir=Path(tmp), seed=0, device=run_device, desc=f"bench {n} worker(s)",
-                )
-        finally:
-            torch.set_num_threads(saved_threads)
-        wall = time.perf_counter() - started
-        step_s = sorted(result.step_seconds[-steps:])[steps // 2]
-        return {
-            "workers": n,
-            "device": str(run_device),
-            "torch_threads_per_worker": threads,
-            "rows_per_worker_per_step": cfg.batch_size // n,
-            "step_seconds": round(step_s, 4),
-            "tokens_per_s": round(optim.batch_size * (seq_len - 1) / step_s, 1),
-            "train_loss_mean": round(result.curve[-1]["train_loss"], 6),
-            "wall_seconds": round(wall, 1),
-        }
+    bench = _DataParallelBench(model, data, optim, device, seq_len, steps, warmup + steps)
 
     per_worker = optim.cpus_per_worker
     budget = workers * per_worker
@@ -220,10 +182,76 @@ def data_parallel_benchmark(params: Path, variant: str = "base", workers: int = 
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "timed_steps": steps,
         "baseline": "workers_1",
-        "runs": {"workers_1": timed(1, budget), f"workers_{workers}": timed(workers, per_worker)},
+        "runs": {"workers_1": _timed_run(bench, 1, budget),
+                 f"workers_{workers}": _timed_run(bench, workers, per_worker)},
     }
     if per_worker != budget:
-        report["runs"][f"reference_workers_1_threads_{per_worker}"] = timed(1, per_worker)
+        report["runs"][f"reference_workers_1_threads_{per_worker}"] = _timed_run(bench, 1, per_worker)
     base, scaled = report["runs"]["workers_1"], report["runs"][f"workers_{workers}"]
     report["speedup_vs_baseline"] = round(scaled["tokens_per_s"] / base["tokens_per_s"], 3)
     return report
+
+
+@dataclass(frozen=True)
+class _DataParallelBench:
+    """What every run of `data_parallel_benchmark` shares: the model, its data and settings."""
+
+    model: torch.nn.Module  # the initial weights, copied for each run
+    data: torch.Tensor  # [rows, seq_len] random token ids
+    optim: OptimConfig  # the variant's optim section
+    device: torch.device
+    seq_len: int
+    steps: int  # timed steps
+    total_steps: int  # warmup + timed steps
+
+    def config(self, n: int) -> OptimConfig:
+        """The variant's optim section for `n` workers, `total_steps` steps, no validation or checkpoint."""
+        total = self.total_steps
+        try:
+            return OptimConfig.model_validate({
+                **self.optim.model_dump(), "workers": n, "grad_accum": 1, "max_steps": total,
+                "warmup_steps": min(self.optim.warmup_steps, total - 1), "eval_every": total + 1,
+                "checkpoint_every": total + 1,
+            })
+        except ValueError as exc:
+            raise RebmError(f"bench train --workers {n}: {exc}") from None
+
+
+def _timed_run(bench: _DataParallelBench, n: int, threads: int) -> dict:
+    """One training run on `n` workers of `threads` torch threads each, timed."""
+    import copy
+    import functools
+    import tempfile
+
+    from pipeline.training.distributed import cluster_for, training_device
+    from pipeline.training.loop import ShuffledBatches
+    from pipeline.training.trainer import train
+
+    cfg = bench.config(n)
+    run_device = training_device(cfg, bench.device)
+    replica = copy.deepcopy(bench.model).to(bench.device)  # the same initial weights for every run
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="rebm-bench-dp-") as tmp, cluster_for(cfg):
+            result = train(
+                replica, functools.partial(_bench_lm_loss, run_device),
+                functools.partial(ShuffledBatches, bench.data, cfg.batch_size, 0), _no_validation, cfg,
+                checkpoint_dir=Path(tmp), seed=0, device=run_device, desc=f"bench {n} worker(s)",
+            )
+    finally:
+        torch.set_num_threads(saved_threads)
+    wall = time.perf_counter() - started
+    steps = bench.steps
+    step_s = sorted(result.step_seconds[-steps:])[steps // 2]
+    return {
+        "workers": n,
+        "device": str(run_device),
+        "torch_threads_per_worker": threads,
+        "rows_per_worker_per_step": cfg.batch_size // n,
+        "step_seconds": round(step_s, 4),
+        "tokens_per_s": round(bench.optim.batch_size * (bench.seq_len - 1) / step_s, 1),
+        "train_loss_mean": round(result.curve[-1]["train_loss"], 6),
+        "wall_seconds": round(wall, 1),
+    }

@@ -129,17 +129,16 @@ def run_bench(
 def _bench_ray(model, prefixes: np.ndarray, ids: np.ndarray, n: int, new_tokens: int, shard_windows: int) -> dict:
     """The negatives pipeline on `len(ids)` windows with 1 then 2 single-CPU workers."""
     from pipeline.sampling.actor_pool import ray_session
-    from pipeline.sampling.negatives import SplitInput, generate_negatives
+    from pipeline.sampling.negatives import NegativesSettings, SplitInput, generate_negatives
 
     out: dict = {"windows": int(len(ids))}
     with tempfile.TemporaryDirectory(prefix="rebm-bench-") as tmp, ray_session(num_cpus=2):
         model.save_pretrained(Path(tmp) / "model")
         for workers in (1, 2):
-            stats = generate_negatives(
-                Path(tmp) / "model", {"bench": SplitInput(ids, prefixes, n)}, Path(tmp) / f"out{workers}",
-                new_tokens=new_tokens, top_k=0, seed=0, shard_windows=shard_windows,
-                batch_samples=shard_windows * n, num_workers=workers, cpus_per_worker=1, progress=False,
-            )
+            settings = NegativesSettings(new_tokens=new_tokens, top_k=0, seed=0, shard_windows=shard_windows,
+                                         batch_samples=shard_windows * n, num_workers=workers, cpus_per_worker=1)
+            stats = generate_negatives(Path(tmp) / "model", {"bench": SplitInput(ids, prefixes, n)},
+                                       Path(tmp) / f"out{workers}", settings, progress=False)
             out[f"workers_{workers}_tokens_per_s"] = stats["new_tokens_per_second"]
             out[f"workers_{workers}_wall_seconds"] = stats["wall_seconds"]
         same = all(

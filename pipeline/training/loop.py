@@ -256,6 +256,100 @@ def _accumulate(model, loss_fn: LossFn, micro_batches: list[Any], autocast) -> t
     return total / len(micro_batches), tokens
 
 
+@dataclass
+class _Interval:
+    """Training loss and throughput since the last validation (what the curve and the bar show)."""
+
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class _Run:
+    """What one call of `run_loop` works with: the objects it steps and the replica's settings."""
+
+    model: torch.nn.Module
+    loss_fn: LossFn
+    cfg: OptimConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    autocast: Any
+    replica: Replica
+
+    @property
+    def parts(self) -> int:
+        return self.replica.world * self.cfg.grad_accum
+
+
+def _next_batch(run: _Run, epoch_batches: Sequence[Any], i: int) -> Any:
+    """Batch `i` whole (one replica, no accumulation), or this replica's micro-batches of it."""
+    if run.parts == 1:
+        return epoch_batches[i]
+    return rank_micro_batches(epoch_batches, i, run.replica.rank, run.replica.world, run.cfg.grad_accum)
+
+
+def _train_step(run: _Run, batch: Any) -> tuple[float, int, float]:
+    """One optimisation step: forward, backward (synced across replicas), clip, AdamW, LR schedule.
+
+    Returns (mean loss, tokens, seconds)."""
+    t0 = time.perf_counter()
+    if run.parts == 1:
+        with run.autocast:
+            loss, n_tokens = run.loss_fn(run.model, batch)
+        loss.backward()
+    else:
+        loss, n_tokens = _accumulate(run.model, run.loss_fn, batch, run.autocast)
+        if run.replica.sync is not None:
+            loss, n_tokens = run.replica.sync(run.params, loss, n_tokens)
+    torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_value = loss.item()  # also waits for the device, so the timing below is honest
+    return loss_value, n_tokens, time.perf_counter() - t0
+
+
+def _validate(run: _Run, state: TrainState, evaluate: Evaluate, interval: _Interval, epoch_len: int,
+              best_path: Path) -> float:
+    """Validate, append a point to the learning curve and keep the weights if they are the best so far."""
+    valid = evaluate(run.model)
+    run.model.train()
+    state.curve.append({
+        "step": state.step,
+        "epoch": state.epoch + state.batch_in_epoch / epoch_len,
+        "train_loss": interval.loss_sum / interval.loss_count,
+        "valid_loss": valid,
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": interval.tokens_per_s,
+        "tokens": state.tokens,
+    })
+    if valid < state.best_valid:
+        state.best_valid, state.best_step = valid, state.step
+        with atomic_output(best_path, directory=False) as tmp:
+            save_model(run.model, str(tmp))
+    return valid
+
+
+def _restore_or_start(run: _Run, store: CheckpointStore, seed: int, device: torch.device) -> TrainState:
+    """The last checkpoint of this configuration, or a fresh state with dropout seeded by `seed`."""
+    state = store.restore(run.model, run.optimizer, run.scheduler, device)
+    if state is None:
+        state = TrainState(fingerprint=store.fingerprint)
+        torch.manual_seed(seed)  # dropout masks
+    return state
+
+
 def run_loop(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -281,19 +375,15 @@ def run_loop(
     optimizer = optimizer_for(model, cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    state = store.restore(model, optimizer, scheduler, device)
-    resumed_from = state.step if state else 0
-    if state is None:
-        state = TrainState(fingerprint=store.fingerprint)
-        torch.manual_seed(seed)  # dropout masks
+    run = _Run(model, loss_fn, cfg, optimizer, scheduler, params, precision_autocast(device, cfg.precision), replica)
+    state = _restore_or_start(run, store, seed, device)
+    resumed_from = state.step
     best_path = store.best_path
-    autocast = precision_autocast(device, cfg.precision)
     lead = replica.rank == 0
-    parts = replica.world * cfg.grad_accum
     step_seconds: list[float] = []
 
     model.train()
-    loss_sum, loss_count, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
+    interval = _Interval()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=2.0,
                disable=not lead)
     while state.step < cfg.max_steps:
@@ -301,59 +391,25 @@ def run_loop(
         if state.batch_in_epoch >= len(epoch_batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
-        if parts == 1:
-            batch = epoch_batches[state.batch_in_epoch]
-        else:
-            micro = rank_micro_batches(epoch_batches, state.batch_in_epoch, replica.rank, replica.world,
-                                       cfg.grad_accum)
-
-        t0 = time.perf_counter()
-        if parts == 1:
-            with autocast:
-                loss, n_tokens = loss_fn(model, batch)
-            loss.backward()
-        else:
-            loss, n_tokens = _accumulate(model, loss_fn, micro, autocast)
-            if replica.sync is not None:
-                loss, n_tokens = replica.sync(params, loss, n_tokens)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # also waits for the device, so the timing below is honest
-        dt = time.perf_counter() - t0
+        batch = _next_batch(run, epoch_batches, state.batch_in_epoch)
+        loss_value, n_tokens, dt = _train_step(run, batch)
         step_seconds.append(dt)
 
         state.step += 1
         state.batch_in_epoch += 1
         state.tokens += n_tokens
         state.train_seconds += dt
-        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-        interval_tokens, interval_seconds = interval_tokens + n_tokens, interval_seconds + dt
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{interval_tokens / max(interval_seconds, 1e-9):.0f}",
+        interval.add(loss_value, n_tokens, dt)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{interval.tokens_per_s:.0f}",
                         refresh=False)  # redrawn by update() at most every mininterval
         bar.update(1)
 
         last = state.step == cfg.max_steps
-        if (state.step % cfg.eval_every == 0 or last) and lead:
-            valid = evaluate(model)
-            model.train()
-            state.curve.append({
-                "step": state.step,
-                "epoch": state.epoch + state.batch_in_epoch / len(epoch_batches),
-                "train_loss": loss_sum / loss_count,
-                "valid_loss": valid,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": interval_tokens / max(interval_seconds, 1e-9),
-                "tokens": state.tokens,
-            })
-            bar.write(f"{desc} step {state.step}: train {state.curve[-1]['train_loss']:.4f} valid {valid:.4f}")
-            if valid < state.best_valid:
-                state.best_valid, state.best_step = valid, state.step
-                with atomic_output(best_path, directory=False) as tmp:
-                    save_model(model, str(tmp))
         if state.step % cfg.eval_every == 0 or last:
-            loss_sum, loss_count, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
+            if lead:
+                valid = _validate(run, state, evaluate, interval, len(epoch_batches), best_path)
+                bar.write(f"{desc} step {state.step}: train {state.curve[-1]['train_loss']:.4f} valid {valid:.4f}")
+            interval = _Interval()
         if state.step % cfg.checkpoint_every == 0 or last:
             store.save(model, optimizer, scheduler, state, step_seconds)
         if on_step is not None:
@@ -363,13 +419,6 @@ def run_loop(
     if best_path.exists():
         load_model(model, str(best_path), device=str(device))
     model.eval()
-    return TrainResult(
-        steps=state.step,
-        tokens=state.tokens,
-        train_seconds=state.train_seconds,
-        best_valid=state.best_valid,
-        best_step=state.best_step,
-        curve=state.curve,
-        resumed_from=resumed_from,
-        step_seconds=step_seconds,
-    )
+    return TrainResult(steps=state.step, tokens=state.tokens, train_seconds=state.train_seconds,
+                       best_valid=state.best_valid, best_step=state.best_step, curve=state.curve,
+                       resumed_from=resumed_from, step_seconds=step_seconds)
