@@ -21,14 +21,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import RebmError
-from pipeline.models import sources
-from pipeline.models.sources import (
-    cached_model_source,
-    is_cached_source,
-    is_local_source,
-    parse_local_source,
-    resolve_model_source,
-)
+from pipeline.models import packaged, sources
+from pipeline.models.packaged import is_local_source, parse_local_source
+from pipeline.models.sources import cached_model_source, is_cached_source, resolve_model_source
 from tests.test_model_sources import write_tiny_llama_gguf
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
@@ -120,7 +115,7 @@ def test_chunks_of_an_archived_hf_folder_give_the_same_logits(tmp_path: Path, ca
     assert (provenance["payload"], provenance["cache_key"]) == (kind.split(".")[0], "sha256")
 
     # Pinned: keyed on the hash, so a second call, even on a moved copy, reads no chunk again.
-    monkeypatch.setattr(sources, "_join_files", lambda *a: pytest.fail("a cached source was rebuilt"))
+    monkeypatch.setattr(packaged, "_join_files", lambda *a: pytest.fail("a cached source was rebuilt"))
     moved = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "chunks", moved)
     assert resolve_model_source(f"{moved / chunks[0].name}#sha256={sha256(data)}") == str(folder)
@@ -201,7 +196,7 @@ def test_a_local_gguf_and_chunks_holding_it_give_the_gguf_logits(tmp_path: Path,
     zipped = write_chunks(archive_bytes_of({"m/tiny.gguf": data}), tmp_path / "zipped" / "tiny.zip", parts=2)
     torch.testing.assert_close(logits(resolve_model_source(str(zipped[0]))), expected, rtol=0, atol=1e-6)
 
-    monkeypatch.setattr(sources, "convert_gguf_to_hf", lambda *a, **k: pytest.fail("converted twice"))
+    monkeypatch.setattr(packaged, "convert_gguf_to_hf", lambda *a, **k: pytest.fail("converted twice"))
     assert resolve_model_source(str(tmp_path / "tiny.gguf")) == str(folder)
     assert resolve_model_source(f"{chunks[0]}#sha256={sha256(data)}") == str(joined)
     assert len(cache_entries(cache)) == 3

