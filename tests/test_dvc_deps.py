@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # paths, atomic writes, params validation (every value they let through is in params.yaml,
 # which DVC tracks key by key).
 NOT_DEPS = {"pipeline/__init__.py", "pipeline/core/__init__.py", "pipeline/core/errors.py", "pipeline/core/paths.py",
-            "pipeline/core/io.py", "pipeline/core/config.py"}
+            "pipeline/core/io.py", "pipeline/core/config.py", "pipeline/core/config_eval.py",
+            "pipeline/core/config_train.py", "pipeline/core/section.py"}
 
 
 def imported_modules(path: Path) -> set[str]:
