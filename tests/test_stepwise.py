@@ -129,9 +129,14 @@ def test_the_last_position_is_enumerated_exactly() -> None:
 
 
 def test_the_observed_token_is_always_a_candidate() -> None:
-    worker, _ = tiny_worker()
-    r = worker.candidate_weights(np.array([1, 4, 2, 5]), 3, 2, 4, 7, seed=0)
-    assert 3 in r["candidates"].tolist() and len(r["candidates"]) == 2
+    worker, lm = tiny_worker()
+    context = [1, 4, 2, 5]
+    with torch.no_grad():
+        least_likely = int(lm(input_ids=torch.tensor([context])).logits[0, -1].argmin())
+    natural = worker.candidate_weights(np.array(context), -1, 2, 4, 7, seed=0)["candidates"].tolist()
+    assert least_likely not in natural  # so the swap below is what puts it there
+    r = worker.candidate_weights(np.array(context), least_likely, 2, 4, 7, seed=0)
+    assert r["candidates"].tolist() == [natural[0], least_likely]
 
 
 # --------------------------------------------------------------------------- the claim
@@ -244,7 +249,7 @@ def test_generate_method_stepwise_decodes_a_prompt(project: Path, monkeypatch: p
                                 "--prompt", "word1 and more words 3 word7"])
     assert again.output.split("-" * 60)[1] == result.output.split("-" * 60)[1]  # seeded (progress bars aside)
     missing = runner.invoke(app, ["generate", "toy", "--params", "p-cli.yaml", "--method", "stepwise"])
-    assert missing.exit_code == 2 and "needs" not in missing.output and "--prompt" in missing.output
+    assert missing.exit_code == 2 and "decodes a prompt: give --prompt or --prompt-file" in missing.output
     wrong = runner.invoke(app, ["generate", "toy", "--params", "p-cli.yaml", "--method", "beam"])
     assert wrong.exit_code == 2 and "choose algorithm1 or stepwise" in wrong.output
 

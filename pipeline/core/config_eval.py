@@ -13,6 +13,17 @@ from pipeline.core.section import Section
 from pipeline.core.variants import LM_VARIANTS, EnergyVariant, LMVariant
 
 
+class PoolSection(Section):
+    """What the stages that score on a pool of Ray actors (evaluate, generate, stepwise) share:
+    the energies' precision and batch, and the pool (`num_workers: 0` = in this process, no Ray)."""
+
+    precision: Precision = "auto"
+    batch_size: int = Field(default=64, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    cpus_per_worker: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
+
+
 class PositionEvalConfig(Section):
     """`evaluate.positions`: per-position perplexity by Eq. 5 (Figure 1).
 
@@ -63,7 +74,7 @@ class BootstrapConfig(Section):
     level: float = Field(default=0.95, gt=0, lt=1)
 
 
-class EvaluateConfig(Section):
+class EvaluateConfig(PoolSection):
     """`evaluate`: Table 1, Figure 1 and Figure 2 (left) on the test windows (stage `evaluate`).
 
     Everything is computed on `windows` test windows, evenly spaced over the test file (null:
@@ -83,15 +94,10 @@ class EvaluateConfig(Section):
     convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     positions: PositionEvalConfig = Field(default_factory=PositionEvalConfig)
-    precision: Precision = "auto"
-    batch_size: int = Field(default=64, gt=0)
     shard_sequences: int = Field(default=256, gt=0)
     # LM samples per prefix per chunk: samples are drawn, scored and dropped chunk by chunk (each
     # chunk checkpointed), so memory holds per-prefix energies, never every sample's tokens
     stream_samples: int = Field(default=1024, gt=0)
-    num_workers: int = Field(default=2, ge=0)
-    cpus_per_worker: int = Field(default=1, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
 
     @model_validator(mode="after")
     def _base_lm_scored(self) -> EvaluateConfig:
@@ -112,7 +118,7 @@ class EvaluateConfig(Section):
 
 
 # --------------------------------------------------------------------------- generation
-class GenerateConfig(Section):
+class GenerateConfig(PoolSection):
     """`generate`: Algorithm 1 on the test prefixes, and the analyses of §4.3 (stage `generate`).
 
     For each of `windows` test prefixes (evenly spaced; null = all) the base LM draws `n_gen`
@@ -128,12 +134,7 @@ class GenerateConfig(Section):
     shard_windows: int = Field(default=8, gt=0)
     density_bins: int = Field(default=40, ge=5)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)  # §4.3 claims' paired intervals
-    precision: Precision = "auto"
-    batch_size: int = Field(default=64, gt=0)
     shard_sequences: int = Field(default=256, gt=0)
-    num_workers: int = Field(default=2, ge=0)
-    cpus_per_worker: int = Field(default=1, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)  # Ray num_gpus per actor: models on the GPU Ray assigns
 
 
 class StepwiseConvergenceConfig(Section):
@@ -145,7 +146,7 @@ class StepwiseConvergenceConfig(Section):
     min_samples: int = Field(default=32, ge=2)
 
 
-class StepwiseConfig(Section):
+class StepwiseConfig(PoolSection):
     """`stepwise`: Appendix A.1, the joint factorised token by token (stage `stepwise`).
 
     `windows` test prefixes (evenly spaced) are each completed by one top-`lm_top_k` LM sample;
@@ -166,11 +167,6 @@ class StepwiseConfig(Section):
     examples: int = Field(default=3, ge=1)
     convergence: StepwiseConvergenceConfig = Field(default_factory=StepwiseConvergenceConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
-    precision: Precision = "auto"
-    batch_size: int = Field(default=64, gt=0)
-    num_workers: int = Field(default=2, ge=0)
-    cpus_per_worker: int = Field(default=1, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _fits(self) -> StepwiseConfig:

@@ -268,11 +268,11 @@ def write_outputs(work: StepwiseRun, contexts: list[Context], results: list[dict
     write_text(paths.stepwise_results / "table3.md",
                table3_markdown(table, cfg, dataset, joint, cfg.energy, context_text))
     ratios, documents = pair_log_ratios(contexts, results)
-    converged = table.to_pandas().groupby(["pair", "kind"])["converged"].first()
     return {
         "dataset": dataset, "energy": cfg.energy, "joint": joint, "candidates": cfg.candidates,
         "samples": cfg.samples, "ngram": cfg.ngram, "windows_searched": len(work.window_ids),
-        "pairs": len(contexts) // 2, "contexts_converged": int(converged.sum()), "contexts": int(len(converged)),
+        "pairs": len(contexts) // 2, "contexts": len(results),
+        "contexts_converged": sum(bool(r["converged"]) for r in results),
         "claim": repetition_claims(ratios, documents, cfg.bootstrap.level, cfg.bootstrap.resamples, work.seed),
         "pool": {"contexts_computed": work.stats.shards_computed, "contexts_reused": work.stats.shards_reused},
     }

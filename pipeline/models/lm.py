@@ -202,9 +202,10 @@ class ResidualLM(PreTrainedModel):
         weights = base_dir / "model.safetensors"
         if not weights.exists():
             raise RebmError(f"{directory}: RALM's base LM {base_dir} (base_path '{config.base_path}') is missing")
-        if config.base_sha256 is not None and file_digest(weights) != config.base_sha256:
+        actual = None if config.base_sha256 is None else file_digest(weights)
+        if actual is not None and actual != config.base_sha256:
             raise RebmError(f"{directory}: the base LM at {base_dir} is not the one RALM was trained on "
-                            f"(sha256 {file_digest(weights)[:12]}…, expected {config.base_sha256[:12]}…); "
+                            f"(sha256 {actual[:12]}…, expected {config.base_sha256[:12]}…); "
                             "retrain RALM: rebm train-lm <dataset> ralm")
         dtype = {"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), **dtype)

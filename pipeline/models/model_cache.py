@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 from pipeline.core.errors import RebmError
 from pipeline.core.io import atomic_output
 
+PREFIX = "pypi:"  # a `pipeline.models.sources` wheel spec; `packaged` leaves those to it
+
 # Bumped when the way a folder is built changes, so older cached builds are not reused.
 _BUILD_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -43,7 +43,15 @@ from pathlib import Path
 
 from pipeline.core.errors import RebmError
 from pipeline.models.gguf import convert_gguf_to_hf
-from pipeline.models.model_cache import _BUILD_VERSION, _SHA256, _cache_name, _cached_build, _safe_relative, file_sha256
+from pipeline.models.model_cache import (
+    _BUILD_VERSION,
+    _SHA256,
+    PREFIX,
+    _cache_name,
+    _cached_build,
+    _safe_relative,
+    file_sha256,
+)
 
 # `<stem>.part<digits>`: one raw chunk of a file split with e.g. `split -d -b 1G model.zip model.zip.part`.
 _CHUNK = re.compile(r"^(?P<stem>.+)\.part(?P<number>\d+)$")
@@ -80,7 +88,7 @@ class LocalSource:
 
 def is_local_source(spec: str) -> bool:
     """A path (before any `#sha256=`) naming a `.gguf` file or a `.part<digits>` chunk, not a folder."""
-    if spec.startswith(("pypi:", "package:")):  # pipeline.models.sources resolves those
+    if spec.startswith((PREFIX, "package:")):  # pipeline.models.sources resolves those
         return False
     path = spec.strip().partition("#")[0]
     name = os.path.basename(path)

