@@ -28,7 +28,14 @@ from pipeline.core.variants import check_variant
 from pipeline.models.lm import count_parameters, load_tokenizer
 from pipeline.training.distributed import cluster_for, training_device
 from pipeline.training.ebm_data import load_nce_data, remove_stale_stores
-from pipeline.training.nce import energy_body_source, energy_run_metrics, energy_scorer, train_energy, validate
+from pipeline.training.nce import (
+    energy_body_name,
+    energy_body_source,
+    energy_run_metrics,
+    energy_scorer,
+    train_energy,
+    validate,
+)
 from pipeline.training.trainer import run_metrics, save_not_applicable, save_trained_run
 
 
@@ -55,7 +62,8 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
     body_tokenizer = load_tokenizer(source, f"train_ebm.{variant}")
     train_device = training_device(cfg.optim, device)  # the Ray Train workers' device above one worker
     torch.manual_seed(seed)
-    scorer = energy_scorer(variant, source, body_tokenizer, lm_tokenizer, cfg.keep_layout, device)
+    body_name = energy_body_name(variant, cfg.init, source)
+    scorer = energy_scorer(variant, source, body_tokenizer, lm_tokenizer, cfg.keep_layout, device, body_name)
     print(f"{dataset}/{variant}: {count_parameters(scorer.model):,} parameters, body from {source}, "
           f"{'token ids' if scorer.shares_vocab else 'detokenised text'} in, "
           f"{len(train_data)} train windows x {train_data.samples_per_prefix} LM samples")
@@ -71,7 +79,7 @@ def run(dataset: str, variant: str, params: Path, root: Path = Path(".")) -> dic
             desc=f"{dataset}/{variant}",
         )
     valid = validate(scorer, valid_data, cfg.optim.eval_batch_size, seed)
-    metrics = {"dataset": dataset, "variant": variant, "body": source,
+    metrics = {"dataset": dataset, "variant": variant, "body": body_name,
                **energy_run_metrics(scorer, train_data, valid_data, valid),
                **run_metrics(result, cfg.optim, train_device, per_s="sequences")}
     return save_trained_run(

@@ -83,3 +83,26 @@ def test_folder_deps_ignore_bytecode() -> None:
 def test_the_walk_follows_from_phase_import_module() -> None:
     # `from pipeline.reporting import report` must reach pipeline/reporting/report.py
     assert "pipeline/reporting/report.py" in code_of("stages/report.py")
+
+
+def per_dataset_deps(deps: list[str], dataset: str) -> list[str]:
+    return [d for d in deps if Path(d).parts[1:2] == (dataset,)]
+
+
+def test_report_deps_are_what_the_report_reads_for_every_dataset() -> None:
+    # DVC cannot loop over ${datasets} inside one stage's deps, so `report` lists each dataset's
+    # inputs by hand; pipeline/reporting/inputs.py declares them once and this holds the two equal,
+    # for every key of datasets: in params.yaml (a new dataset fails here until it is listed)
+    from pipeline.reporting.inputs import report_input_files
+
+    deps = STAGES["report"]["deps"]
+    datasets = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["datasets"]
+    for dataset in datasets:
+        wanted = [str(path) for path in report_input_files(dataset)]
+        listed = per_dataset_deps(deps, dataset)
+        assert not set(wanted) - set(listed), f"dvc.yaml: report does not list {sorted(set(wanted) - set(listed))}"
+        assert not set(listed) - set(wanted), f"dvc.yaml: report lists {sorted(set(listed) - set(wanted))}, unread"
+        assert len(listed) == len(set(listed)), f"dvc.yaml: report lists a {dataset} dep twice"
+    stray = [d for d in deps if Path(d).parts[0] in ("data", "models") and Path(d).parts[1] not in datasets]
+    assert not stray, f"dvc.yaml: report lists {stray}, of no dataset in params.yaml"
+

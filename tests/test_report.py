@@ -421,3 +421,30 @@ def test_a_baseline_generated_differently_is_not_compared(project: Path, fake_gi
     before_after = section(md, "Sample statistics").split("### Before → after")[1]
     assert "| toy2 |" not in before_after and "before the fix" in before_after
     assert "not compared: generated differently (energy bit\\_large vs bit; windows 999 vs 6)" in before_after
+
+
+def test_the_report_reads_only_its_declared_inputs(project: Path, fake_git, tmp_path: Path) -> None:
+    # report_input_files is what dvc.yaml's report stage lists (tests/test_dvc_deps.py): a copy of
+    # the run holding only those files must give the same report, or a file it reads is no dep
+    from pipeline.reporting.inputs import report_input_files
+
+    full, copy = tmp_path / "full", tmp_path / "copy"
+    shutil.copytree(project, full)
+    for ds in DATASETS:  # the toy run records no stage times: give every stage one
+        for i, (_, path) in enumerate(lib.stage_files(ds, full)):
+            if not path.exists():
+                write_json(path, {"wall_seconds": 10.0 + i})
+    kept = [p for ds in DATASETS for p in report_input_files(ds, full) if p.exists()]
+    for path in [*kept, full / "params-report.yaml"]:
+        target = copy / path.relative_to(full)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
+    assert any(p.name == "generations" for p in kept) and any(p.name == "table3.md" for p in kept)
+    _, markdown, _ = run_report(full)
+    _, from_copy, _ = run_report(copy)
+    # all but the render time and the provenance (which names the run's folder) must agree
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
+    results = [stamp.sub("T", text[: text.index("## Provenance")]) for text in (markdown, from_copy)]
+    assert results[1] == results[0]
+    times = section(results[0], "Stage wall times")
+    assert "## Table 3" in results[0] and "| ingest@toy2 | 0:00:10 (10.0 s) |" in times and "| missing |" not in times

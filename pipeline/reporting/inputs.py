@@ -29,6 +29,15 @@ EXAMPLE_COLUMNS = [
 ]
 
 
+# The files of one dataset that `collect_dataset` reads, by the folder that holds them. Declared
+# once: `report_input_files` (and so the `report` stage's deps in dvc.yaml, which
+# tests/test_dvc_deps.py checks against it) and the reader both use these names.
+EVALUATION_FILES = ("metrics.json", "ppl_vs_samples.tsv", "position_ppl.tsv")
+GENERATION_FILES = ("metrics.json", "unique_ngrams.tsv", "density_base_lm.tsv", "density_joint.tsv")
+GENERATION_BASELINE = "baseline_metrics.json"  # in git, optional: the measurement to compare with
+STEPWISE_FILES = ("metrics.json", "table3.md")  # optional: a run without stepwise has none
+
+
 @dataclass(frozen=True)
 class DatasetResults:
     """One dataset's evaluate and generate outputs."""
@@ -109,13 +118,12 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
 
     paths = DatasetPaths(dataset, root)
     evaluate, generate = f"evaluate@{dataset}", f"generate@{dataset}"
-    ev = {name: _require(paths.evaluation / name, evaluate)
-          for name in ("metrics.json", "ppl_vs_samples.tsv", "position_ppl.tsv")}
-    gen = {name: _require(paths.generation_results / name, generate)
-           for name in ("metrics.json", "unique_ngrams.tsv", "density_base_lm.tsv", "density_joint.tsv")}
+    ev = {name: _require(paths.evaluation / name, evaluate) for name in EVALUATION_FILES}
+    gen = {name: _require(paths.generation_results / name, generate) for name in GENERATION_FILES}
     table = read_generations(_require(paths.generations_file, generate), EXAMPLE_COLUMNS)
     rows = table.to_pylist()
-    baseline = paths.generation_results / "baseline_metrics.json"
+    baseline = paths.generation_results / GENERATION_BASELINE
+    stepwise = {name: paths.stepwise_results / name for name in STEPWISE_FILES}
     return DatasetResults(
         name=dataset,
         evaluation=_read_json(ev["metrics.json"]),
@@ -128,11 +136,23 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
         generation_baseline=read_generation_baseline(baseline) if baseline.exists() else None,
         not_applicable=not_applicable_variants(paths),
         did_not_learn=energies_at_chance(paths),
-        stepwise=_read_json(paths.stepwise_results / "metrics.json")
-        if (paths.stepwise_results / "metrics.json").exists() else None,
-        table3=(paths.stepwise_results / "table3.md").read_text(encoding="utf-8").rstrip("\n")
-        if (paths.stepwise_results / "table3.md").exists() else None,
+        stepwise=_read_json(stepwise["metrics.json"]) if stepwise["metrics.json"].exists() else None,
+        table3=stepwise["table3.md"].read_text(encoding="utf-8").rstrip("\n")
+        if stepwise["table3.md"].exists() else None,
     )
+
+
+def report_input_files(dataset: str, root: Path = Path(".")) -> list[Path]:
+    """Every file or folder of one dataset that the report reads: `collect_dataset`'s inputs,
+    then each stage's metrics JSON (`stage_files`: wall times, not-applicable records, pair
+    accuracies), without repeats. The `report` stage lists exactly these in dvc.yaml."""
+    paths = DatasetPaths(dataset, root)
+    files = [*(paths.evaluation / name for name in EVALUATION_FILES),
+             *(paths.generation_results / name for name in (*GENERATION_FILES, GENERATION_BASELINE)),
+             paths.generations,
+             *(paths.stepwise_results / name for name in STEPWISE_FILES),
+             *(path for _, path in stage_files(dataset, root))]
+    return list(dict.fromkeys(files))
 
 
 def not_applicable_variants(paths: DatasetPaths) -> dict[str, str]:

