@@ -88,3 +88,21 @@ def test_stage_modules_are_recipes(stage: Path) -> None:
     other_stages = [n for n in ast.walk(ast.parse(stage.read_text(encoding="utf-8")))
                     if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("stages")]
     assert not other_stages, f"{stage.name} imports another stage"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80  # issue 29: rooms a reader can hold in mind
+
+
+def test_no_module_or_function_outgrows_a_reading() -> None:
+    too_long = []
+    for path in [*MODULES, *sorted((REPO / "stages").glob("*.py"))]:
+        source = path.read_text(encoding="utf-8")
+        name = path.relative_to(REPO)
+        if (lines := len(source.splitlines())) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {lines} lines (at most {MAX_MODULE_LINES}; split it by job)")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines (at most {MAX_FUNCTION_LINES})")
+    assert not too_long, "\n".join(too_long)
