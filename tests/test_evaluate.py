@@ -151,6 +151,7 @@ def test_an_interrupted_run_resumes_from_its_finished_parts(project: Path, resul
     assert without_wall(resumed) == without_wall(result)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_actors_give_the_in_process_result(project: Path, result: dict) -> None:
     on_ray = evaluate(project, evaluate__num_workers=2)

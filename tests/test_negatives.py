@@ -347,6 +347,7 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout: float = 
     raise AssertionError(f"ray start did not report {text!r}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_two_node_cluster_on_loopback_matches_local_run(reference, model_dir, tmp_path) -> None:
     import tempfile

@@ -34,7 +34,7 @@ import pytest
 
 from tests.conftest import REPO, energy_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SEQ, N_WINDOWS, SHARD = 16, 12, 4  # 3 shards over 2 actors
 
