@@ -18,7 +18,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # tests/test_ray_job.py). Subprocesses (`ray start`, `rebm`) inherit the variable.
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
-        base = os.environ.get("RAY_TMPDIR") or "/tmp"
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # Ray's own order on Linux
         os.environ["RAY_TMPDIR"] = os.path.join(base, f"ray-{worker}")
         os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
         # One torch thread per worker (and per `rebm`/`dvc` subprocess): two workers of two OpenMP
