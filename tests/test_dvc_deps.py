@@ -105,4 +105,3 @@ def test_report_deps_are_what_the_report_reads_for_every_dataset() -> None:
         assert len(listed) == len(set(listed)), f"dvc.yaml: report lists a {dataset} dep twice"
     stray = [d for d in deps if Path(d).parts[0] in ("data", "models") and Path(d).parts[1] not in datasets]
     assert not stray, f"dvc.yaml: report lists {stray}, of no dataset in params.yaml"
-

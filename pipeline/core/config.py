@@ -22,8 +22,6 @@ from pipeline.core.config_eval import PositionEvalConfig as PositionEvalConfig
 from pipeline.core.config_eval import StepwiseConvergenceConfig as StepwiseConvergenceConfig
 from pipeline.core.config_train import CausalLMArch as CausalLMArch
 from pipeline.core.config_train import EncoderArch, LMVariantConfig, OptimConfig, RalmConfig
-from pipeline.core.config_train import LMOptimConfig as LMOptimConfig
-from pipeline.core.config_train import TransformerArch as TransformerArch
 from pipeline.core.errors import RebmError
 from pipeline.core.section import Section
 from pipeline.core.variants import ENERGY_VARIANTS, PRETRAINED_ENERGIES
@@ -69,7 +67,7 @@ class FilesSource(Section):
 
 
 DatasetSource = Annotated[BrownSource | HFSource | FilesSource, Field(discriminator="source")]
-_DATASET_SOURCE: TypeAdapter[BrownSource | HFSource | FilesSource] = TypeAdapter(DatasetSource)
+DATASET_SOURCE: TypeAdapter[BrownSource | HFSource | FilesSource] = TypeAdapter(DatasetSource)
 
 
 # --------------------------------------------------------------------------- sections
@@ -176,7 +174,7 @@ def load_dataset_source(dataset: str, path: Path = DEFAULT_PARAMS) -> BrownSourc
         known = ", ".join(sorted(datasets)) or "none"
         raise RebmError(f"{path}: unknown dataset '{dataset}' (datasets defined: {known})")
     try:
-        return _DATASET_SOURCE.validate_python(datasets[dataset])
+        return DATASET_SOURCE.validate_python(datasets[dataset])
     except ValidationError as exc:
         raise RebmError(format_validation_error(Path(path), f"datasets.{dataset}", exc)) from None
 

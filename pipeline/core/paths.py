@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """The user cache of fetched corpora and built models: $REBM_CACHE, else
+    $XDG_CACHE_HOME/rebm, else ~/.cache/rebm."""
+    if os.environ.get("REBM_CACHE"):
+        return Path(os.environ["REBM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rebm"
 
 
 class DatasetPaths:

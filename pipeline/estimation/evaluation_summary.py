@@ -111,14 +111,14 @@ class _Baseline:
         return None if ci is None else ci.as_list()
 
 
-def _nll_by_samples(base_seq: np.ndarray, e: dict[str, np.ndarray], n: int) -> dict[int, tuple]:
-    """Per-prefix T_k, U_k once for every k of Figure 2 (left); Table 1 is its last point, k = n:
-    k -> (NLL low end [N], NLL high end [N], mean lower log Z, mean upper log Z)."""
-    log_weights = -e["samples"]
+def _nll_by_samples(base_seq: np.ndarray, real: np.ndarray, log_weights: np.ndarray) -> dict[int, tuple]:
+    """Per-prefix T_k, U_k once for every k of Figure 2 (left), from the draws' log weights -E [N, n];
+    Table 1 is its last point, k = n: k -> (NLL low end [N], NLL high end [N], mean lower log Z,
+    mean upper log Z)."""
     nll = {}
-    for k in doubling_counts(n):
+    for k in doubling_counts(log_weights.shape[1]):
         lower_log_z, upper_log_z = log_partition_bounds(torch.from_numpy(log_weights[:, :k]))
-        nll[k] = (*joint_nll_given_log_z(base_seq, e["real"], lower_log_z, upper_log_z),
+        nll[k] = (*joint_nll_given_log_z(base_seq, real, lower_log_z, upper_log_z),
                   float(lower_log_z.mean()), float(upper_log_z.mean()))
     return nll
 
@@ -128,7 +128,7 @@ def _joint_row(variant: str, e: dict[str, np.ndarray], base: _Baseline, paramete
     """One energy's Table 1 row: (its metrics, its per-window NLL ends, its Figure 2 curve)."""
     n = e["samples"].shape[1]  # n_eval, or fewer where the draw stopped as futile
     log_weights = -e["samples"]
-    nll = _nll_by_samples(base.seq, e, n)
+    nll = _nll_by_samples(base.seq, e["real"], log_weights)
     nll_low, nll_high = nll[n][0].numpy(), nll[n][1].numpy()
     joint = JointRange(*perplexity_range(nll_low, nll_high, base.tokens))
     verdict = convergence_verdict(log_weights, cfg.convergence.epsilon, cfg.convergence.min_samples)

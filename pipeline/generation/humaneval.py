@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import RebmError
-from pipeline.core.io import atomic_output
+from pipeline.core.io import atomic_output, write_text
 from pipeline.core.seeds import humaneval_seed
 from pipeline.generation.humaneval_sheet import ITEMS_PER_PAGE, render_sheet
 from pipeline.sampling.sampler import sample_uniforms
@@ -248,14 +248,12 @@ def _paginate(comparisons: list[_Item], check_pools: dict[str, list[dict[str, An
 
 
 def _write_sheet(out_dir: Path, sheet: list[_Item], ids: list[str], seed: int, title: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     pairs_csv, sheet_html = out_dir / "pairs.csv", out_dir / "sheet.html"
     _write_pairs_csv(pairs_csv, sheet, ids)
-    with atomic_output(sheet_html, directory=False) as tmp:
-        # The sheet id keys the rater's saved answers in the browser: another sheet must not reuse them.
-        sheet_id = humaneval_seed(seed, "sheet",
-                                  *(f"{it.dataset}/{it.window_id}/{it.system_a}/{it.system_b}" for it in sheet))
-        tmp.write_text(render_sheet(sheet, ids, title, sheet_id), encoding="utf-8")
+    # The sheet id keys the rater's saved answers in the browser: another sheet must not reuse them.
+    sheet_id = humaneval_seed(seed, "sheet",
+                              *(f"{it.dataset}/{it.window_id}/{it.system_a}/{it.system_b}" for it in sheet))
+    write_text(sheet_html, render_sheet(sheet, ids, title, sheet_id))
     return pairs_csv, sheet_html
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.config import NegativesConfig, StepwiseConfig
-from pipeline.core.io import ArrayCheckpoint, fingerprint
+from pipeline.core.io import ArrayCheckpoint, fingerprint, write_table, write_text
 from pipeline.core.seeds import stepwise_seed
 from pipeline.generation.stepwise import (
     CANDIDATES_SCHEMA,
@@ -29,6 +29,7 @@ from pipeline.generation.stepwise import (
     log_ratio_at,
     pick_pairs,
     plug_in,
+    repetition_claims,
     step_distribution,
     would_repeat,
 )
@@ -253,9 +254,7 @@ def table3_markdown(table: pa.Table, cfg: StepwiseConfig, dataset: str, joint: s
 
 def write_outputs(work: StepwiseRun, contexts: list[Context], results: list[dict], paths, dataset: str) -> dict:
     """The candidates table, Table 3 and the claim (metrics, without the wall time) of a finished run."""
-    from pipeline.core.io import write_table, write_text
     from pipeline.core.variants import DISPLAY_NAMES
-    from pipeline.generation.stepwise import repetition_claims
     from pipeline.models.lm import load_tokenizer
 
     cfg = work.cfg

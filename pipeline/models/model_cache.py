@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.core.errors import RebmError
 from pipeline.core.io import atomic_output
+from pipeline.core.paths import cache_root
 
 PREFIX = "pypi:"  # a `pipeline.models.sources` wheel spec; `packaged` leaves those to it
 
@@ -30,12 +30,6 @@ def _cache_name(stem: str, key: str) -> str:
     digest = hashlib.sha256(f"{key}|build={_BUILD_VERSION}".encode()).hexdigest()[:12]
     return f"{slug}-{digest}"
 
-
-def cache_root() -> Path:
-    """$REBM_CACHE, else $XDG_CACHE_HOME/rebm, else ~/.cache/rebm (as pipeline.data.brown)."""
-    if os.environ.get("REBM_CACHE"):
-        return Path(os.environ["REBM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rebm"
 
 
 def _cached_build(name: str, build: Callable[[Path, Path], None]) -> Path:
@@ -71,13 +65,6 @@ def _locked(path: Path) -> Iterator[None]:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_relative(name: str, where: str) -> PurePosixPath:

@@ -42,16 +42,9 @@ import zipfile
 from pathlib import Path
 
 from pipeline.core.errors import RebmError
+from pipeline.core.io import file_digest
 from pipeline.models.gguf import convert_gguf_to_hf
-from pipeline.models.model_cache import (
-    _BUILD_VERSION,
-    _SHA256,
-    PREFIX,
-    _cache_name,
-    _cached_build,
-    _safe_relative,
-    file_sha256,
-)
+from pipeline.models.model_cache import _BUILD_VERSION, _SHA256, PREFIX, _cache_name, _cached_build, _safe_relative
 
 # `<stem>.part<digits>`: one raw chunk of a file split with e.g. `split -d -b 1G model.zip model.zip.part`.
 _CHUNK = re.compile(r"^(?P<stem>.+)\.part(?P<number>\d+)$")
@@ -155,7 +148,7 @@ def _build_local(source: LocalSource, scratch: Path, out: Path) -> None:
         digest = _join_files(source.files, payload)
     else:
         payload, what = source.files[0], source.files[0].name
-        digest = file_sha256(payload)
+        digest = file_digest(payload)
     if source.sha256 and digest != source.sha256:
         raise RebmError(f"{source.spec}: sha256 mismatch for {what}: expected {source.sha256}, got {digest}")
     kind = _payload_kind(payload)

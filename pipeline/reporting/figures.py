@@ -35,6 +35,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Labels, title, legend and grid of a one-panel figure, as PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _energies_in(rows: list[dict[str, Any]], suffix: str) -> list[str]:
     found = {k.removesuffix(suffix) for row in rows[:1] for k in row if k.endswith(suffix)}
     return [e for e in ENERGY_VARIANTS if e in found] + sorted(found - set(ENERGY_VARIANTS))
@@ -85,12 +95,9 @@ def figure1(d: DatasetResults) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("position t of the window (continuation tokens only)")
-    ax.set_ylabel("BASE LM ppl − joint ppl at t (symlog)")
-    ax.set_title(f"Figure 1 — {d.name}: perplexity gain over BASE LM per position", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "position t of the window (continuation tokens only)",
+                   "BASE LM ppl − joint ppl at t (symlog)",
+                   f"Figure 1 — {d.name}: perplexity gain over BASE LM per position")
 
 
 def _finite(value: Any) -> bool:
@@ -119,12 +126,8 @@ def figure2_left(d: DatasetResults) -> bytes:
     if samples:
         ax.set_xticks(samples, [str(s) for s in samples])
         ax.minorticks_off()
-    ax.set_xlabel("LM samples per prefix (n)")
-    ax.set_ylabel("test perplexity")
-    ax.set_title(f"Figure 2 (left) — {d.name}: joint perplexity range vs samples", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "LM samples per prefix (n)", "test perplexity",
+                   f"Figure 2 (left) — {d.name}: joint perplexity range vs samples")
 
 
 def figure2_right(d: DatasetResults) -> bytes:

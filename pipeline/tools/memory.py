@@ -23,16 +23,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from pipeline.core.config import OptimConfig
-from pipeline.core.precision import pool_device
 from pipeline.core.variants import ENERGY_VARIANTS, LM_VARIANTS, PRETRAINED_ENERGIES, stage_name
 
 ROW_GROUP = 4096  # rows per Parquet row group of every streaming writer (StreamingTableWriter)
 INFLIGHT = 2  # tasks queued per actor (pipeline.sampling.actor_pool.ActorPool)
 SHARD_BYTES = 200  # the driver's record of one negatives shard (plan, manifest)
-_DRIVER = torch.device("cpu")  # the stage's own device for `workers_on_gpu`: work in the driver is no GPU worker's
 
 
 @dataclass(frozen=True)
@@ -119,11 +115,16 @@ def workers_on_gpu(cfg: Any) -> bool:
     GPU. Ray Train workers (an `optim` section) as `training.distributed.training_device` places
     them, pool actors (`num_workers`, `gpus_per_worker`) as `precision.pool_device`; work that
     runs in the driver (one training worker, `num_workers: 0`) counts as this machine's."""
+    import torch  # here, not at import: validating a params file (`rebm plan`) needs no torch
+
+    from pipeline.core.precision import pool_device
+
+    driver = torch.device("cpu")  # the stage's own device: work in the driver is no GPU worker's
     if isinstance(cfg, OptimConfig):
         from pipeline.training.distributed import training_device
 
-        return training_device(cfg, _DRIVER).type == "cuda"
-    return pool_device(cfg.num_workers, cfg.gpus_per_worker, _DRIVER).type == "cuda"
+        return training_device(cfg, driver).type == "cuda"
+    return pool_device(cfg.num_workers, cfg.gpus_per_worker, driver).type == "cuda"
 
 
 def _training(stage: str, trained: int | None, frozen: int, shape: Shape | None, optim: Any, T: int, vocab: int | None,

@@ -9,7 +9,6 @@ only show across sections with `config.cross_section_problems`; every problem is
 from __future__ import annotations
 
 import copy
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,7 +37,6 @@ def _field_adapter(name: str) -> TypeAdapter:
 
 
 _SEED, _DEVICE, _DATASETS = (_field_adapter(name) for name in ("seed", "device", "datasets"))
-_SOURCE = TypeAdapter(typing.get_args(C.Params.model_fields["datasets"].annotation)[1])  # one datasets entry
 
 
 def _drop(node: Any, loc: tuple) -> bool:
@@ -131,7 +129,7 @@ def _check_datasets(v: Validated, datasets: Any) -> None:
         return
     for key, spec in datasets.items():
         try:
-            v.datasets[str(key)] = _SOURCE.validate_python(spec)
+            v.datasets[str(key)] = C.DATASET_SOURCE.validate_python(spec)
         except ValidationError as exc:
             tag = spec.get("source") if isinstance(spec, dict) else None
             for err in exc.errors():  # drop the union's tag ('hf') from the location

@@ -46,11 +46,11 @@ def energy_body_name(variant: str, init: str | None, source: str) -> str:
 
 def energy_scorer(variant: str, source: str, body_tokenizer: PreTrainedTokenizerBase,
                   lm_tokenizer: PreTrainedTokenizerBase, keep_layout: bool, device: torch.device,
-                  body_name: str | None = None) -> EnergyScorer:
+                  body_name: str) -> EnergyScorer:
     """A fresh energy model on the body at `source` (UNIT causal, BIT bidirectional), on `device`;
-    its config names the body `body_name` (`energy_body_name`), `source` if None."""
+    its config names the body `body_name` (`energy_body_name`)."""
     body = AutoModel.from_pretrained(source)
-    body.config.name_or_path = body_name or source
+    body.config.name_or_path = body_name
     model = EnergyModel.from_body(body, "unit" if variant == "unit" else "bit", keep_layout=keep_layout)
     return EnergyScorer(model.to(device), body_tokenizer, lm_tokenizer)
 
