@@ -18,7 +18,7 @@ from pipeline.core.paths import ReportPaths
 
 def run(params: Path, root: Path = Path(".")) -> dict:
     from pipeline.reporting import report
-    from pipeline.reporting.claims import check_claims
+    from pipeline.reporting.sections import dataset_claims
 
     started = time.perf_counter()
     inputs = report.collect(Path(params), Path(root))
@@ -35,8 +35,7 @@ def run(params: Path, root: Path = Path(".")) -> dict:
         "html": str(paths.html),
         "figures": sorted(str(paths.figures / name) for name in built.figures),
         "table2": inputs.human_eval.markdown is not None,
-        "claims": {d.name: {c.claim: c.verdict for c in check_claims(d.evaluation, d.generation, d.not_applicable)}
-                   for d in inputs.datasets},
+        "claims": {d.name: {c.claim: c.verdict for c in dataset_claims(d)} for d in inputs.datasets},
         "git_revision": inputs.provenance.git_revision,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

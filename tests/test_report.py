@@ -448,3 +448,17 @@ def test_the_report_reads_only_its_declared_inputs(project: Path, fake_git, tmp_
     assert results[1] == results[0]
     times = section(results[0], "Stage wall times")
     assert "## Table 3" in results[0] and "| ingest@toy2 | 0:00:10 (10.0 s) |" in times and "| missing |" not in times
+
+
+def test_the_stage_summary_states_the_claims_the_report_states(project: Path, fake_git, tmp_path: Path) -> None:
+    # an energy at chance carries no claim in report.md ("did not learn"); the stage's returned
+    # summary must say the same, not judge that energy's numbers again
+    copy = tmp_path / "run"
+    shutil.copytree(project, copy)
+    write_json(copy / "models/toy/energy/unit_metrics.json", {"valid_pair_accuracy": 0.5, "valid_windows": 40})
+    summary, markdown, _ = run_report(copy)
+    verdicts = summary["claims"]["toy"]
+    assert "did not learn" in verdicts.values()
+    claims_section = section(markdown, "The paper's claims, checked")
+    for claim, verdict in verdicts.items():
+        assert f"| {lib.md_escape(claim)} | toy | {verdict} |" in claims_section, claim

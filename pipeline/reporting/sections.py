@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.core.variants import display_name
 from pipeline.reporting.cells import duration, fmt, md_escape, ordered
-from pipeline.reporting.claims import VERDICTS, check_claims, not_converged_why, verdict_label
+from pipeline.reporting.claims import VERDICTS, Claim, check_claims, not_converged_why, verdict_label
 from pipeline.reporting.figures import SOURCE_NAMES, figure_names
 from pipeline.reporting.inputs import DatasetResults, StageTime
 from pipeline.reporting.provenance import Provenance
@@ -37,13 +37,19 @@ def sample_stats(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     return {"ns": [r["n"] for r in (datasets[0].unique_ngrams if datasets else [])], "rows": rows, "notes": notes}
 
 
+def dataset_claims(d: DatasetResults) -> list[Claim]:
+    """One dataset's claims as the report states them: variants not applicable and energies that
+    did not learn carry no verdict. The report stage's summary reads these too."""
+    return check_claims(d.evaluation, d.generation, d.not_applicable, d.did_not_learn)
+
+
 def claims_table(datasets: Sequence[DatasetResults]) -> dict[str, Any]:
     """Every claim of the paper (pipeline.reporting.claims) with each dataset's verdict, claim by
     claim, and each dataset's (verdict, count) tally."""
     by_claim: dict[str, list[list[str]]] = {}
     counts = []
     for d in datasets:
-        claims = check_claims(d.evaluation, d.generation, d.not_applicable, d.did_not_learn)
+        claims = dataset_claims(d)
         for c in claims:
             by_claim.setdefault(c.claim, []).append(
                 [md_escape(c.claim), md_escape(d.name), c.verdict, md_escape(c.evidence), md_escape(c.why) or "—"])
