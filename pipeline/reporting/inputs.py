@@ -134,8 +134,7 @@ def collect_dataset(dataset: str, root: Path = Path("."), examples: int = EXAMPL
         density={s: read_tsv(gen[f"density_{s}.tsv"]) for s in ("base_lm", "joint")},
         examples=[rows[i] for i in evenly_spaced(examples, len(rows))],
         generation_baseline=read_generation_baseline(baseline) if baseline.exists() else None,
-        not_applicable=not_applicable_variants(paths),
-        did_not_learn=energies_at_chance(paths),
+        **variant_records(paths),
         stepwise=_read_json(stepwise["metrics.json"]) if stepwise["metrics.json"].exists() else None,
         table3=stepwise["table3.md"].read_text(encoding="utf-8").rstrip("\n")
         if stepwise["table3.md"].exists() else None,
@@ -155,26 +154,21 @@ def report_input_files(dataset: str, root: Path = Path(".")) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def not_applicable_variants(paths: DatasetPaths) -> dict[str, str]:
-    """{variant: reason} for the Table 1 variants whose stage recorded "not applicable" (null in params)."""
-    found = {}
+def variant_records(paths: DatasetPaths) -> dict[str, dict[str, str]]:
+    """From each Table 1 variant's metrics JSON, read once: `not_applicable` {variant: reason}
+    for a stage that recorded "not applicable" (null in params), and `did_not_learn`
+    {energy: why} for a trained energy whose validation pair accuracy is not clear of chance."""
+    not_applicable, did_not_learn = {}, {}
     for variant, path in [*((v, paths.lm_metrics(v)) for v in LM_VARIANTS),
                           *((v, paths.energy_metrics(v)) for v in ENERGY_VARIANTS)]:
-        if path.exists():
-            payload = _read_json(path)
-            if payload.get("applicable") is False:
-                found[variant] = str(payload.get("reason", "not applicable"))
-    return found
-
-
-def energies_at_chance(paths: DatasetPaths) -> dict[str, str]:
-    """{energy: why} for the trained energies whose validation pair accuracy is not clear of chance."""
-    found = {}
-    for variant in ENERGY_VARIANTS:
-        path = paths.energy_metrics(variant)
-        if path.exists() and (why := chance_level_reason(_read_json(path))) is not None:
-            found[variant] = why
-    return found
+        if not path.exists():
+            continue
+        payload = _read_json(path)
+        if payload.get("applicable") is False:
+            not_applicable[variant] = str(payload.get("reason", "not applicable"))
+        elif variant in ENERGY_VARIANTS and (why := chance_level_reason(payload)) is not None:
+            did_not_learn[variant] = why
+    return {"not_applicable": not_applicable, "did_not_learn": did_not_learn}
 
 
 def read_generation_baseline(path: Path) -> dict[str, Any]:

@@ -335,6 +335,10 @@ class NegativesSettings:
     dtype: str = "float32"
     device: str = "cpu"
 
+    def spec(self, n: int) -> SamplingSpec:
+        """The sampling of a split with `n` samples per window under these settings."""
+        return SamplingSpec(n, self.new_tokens, self.top_k, self.seed, self.batch_samples, self.dtype)
+
 
 def generate_negatives(
     model_dir: Path,
@@ -383,9 +387,7 @@ def _plan_splits(model_dir: Path, splits: dict[str, SplitInput], out_dir: Path, 
                 f"negatives: prefix {inp.width} + {settings.new_tokens} new tokens exceed the "
                 f"model's {positions} positions ({model_dir}/config.json)"
             )
-        spec = SamplingSpec(inp.n, settings.new_tokens, settings.top_k, settings.seed, settings.batch_samples,
-                            settings.dtype)
-        plans[split] = plan_shards(split, inp, spec, settings.shard_windows, model_fp, out_dir, vocab)
+        plans[split] = plan_shards(split, inp, settings.spec(inp.n), settings.shard_windows, model_fp, out_dir, vocab)
     return plans
 
 

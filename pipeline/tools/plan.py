@@ -163,6 +163,7 @@ def build_plan(
     tok = v.sections["tokenize"]
     plans: list[DatasetPlan] = []
     size_cache: dict[int | None, tuple[dict[str, ModelSize], int | None]] = {}
+    shapes = model_shapes(v, resolver)  # the same for every dataset: no vocabulary in it
     for ds, spec in v.datasets.items():
         corpus = corpus_from_stats(ds, v, root)
         if ds in windows:
@@ -174,7 +175,7 @@ def build_plan(
             size_cache[vocab] = model_sizes(v, vocab, resolver)
         sizes, lm_vocab = size_cache[vocab]
         rows, notes = dataset_rows(ds, v, corpus.windows, sizes, lm_vocab)
-        memory = dataset_memory(v, corpus.windows, sizes, model_shapes(v, resolver), lm_vocab, ds)
+        memory = dataset_memory(v, corpus.windows, sizes, shapes, lm_vocab, ds)
         plans.append(DatasetPlan(
             dataset=ds, source=_describe_source(spec), windows=corpus.windows, windows_source=corpus.source,
             vocab=lm_vocab, vocab_source=vocab_source if lm_vocab == vocab else "the pretrained base LM's config",

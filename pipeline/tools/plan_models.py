@@ -64,8 +64,14 @@ class ModelResolver:
 
     def __init__(self, overrides: dict[str, Path] | None = None):
         self.overrides = {k: Path(p) for k, p in (overrides or {}).items()}
+        self._configs: dict[str, tuple[Any | None, str]] = {}  # sizes and shapes of every dataset ask again
 
     def config(self, name: str) -> tuple[Any | None, str]:
+        if name not in self._configs:
+            self._configs[name] = self._read_config(name)
+        return self._configs[name]
+
+    def _read_config(self, name: str) -> tuple[Any | None, str]:
         from transformers import AutoConfig
 
         from pipeline.models.sources import cached_model_source, is_cached_source, resolve_model_source
